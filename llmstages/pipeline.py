@@ -1,0 +1,53 @@
+"""Runs the stages named in `config.stages`, in order; each starts from its `init_from` stage's final parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from llmstages import train
+
+
+def write_resolved_config(config, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    if old != text:
+      # Keep the earlier config: a changed config in an old workdir is worth seeing, not silently overwriting.
+      n = 1
+      while os.path.exists(f"{path}.{n}"):
+        n += 1
+      os.replace(path, f"{path}.{n}")
+      print(f"note: {path} differed from this run's config; the old one is kept as {path}.{n}", flush=True)
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def run(config, workdir: str, mesh=None) -> list[dict]:
+  """Runs every stage of `config.stages` in `workdir`. Finished stages are skipped; an interrupted one resumes.
+
+  `mesh` overrides the one `config.mesh` would build from all devices (tests pin runs to a subset).
+  """
+  for name in config.stages:
+    train.validate_stage_config(config, name)
+    init_from = config[name].init_from
+    if init_from and init_from not in config.stages[:config.stages.index(name)] and \
+        not train.stage_finished(workdir, init_from):
+      raise ValueError(f"config.{name}.init_from={init_from!r}: that stage neither runs before {name!r} in "
+                       f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
+  write_resolved_config(config, workdir)
+  tokenizer = train.tokenizer_for(config)
+  results = []
+  for name in config.stages:
+    results.append(train.run_stage(config, name, workdir, tokenizer=tokenizer, mesh=mesh))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "pipeline.json"), "w") as f:
+      json.dump({"stages": list(config.stages), "results": results}, f, indent=2)
+  return results

@@ -1,0 +1,559 @@
+"""The one training loop every stage shares: state, sharded step, accumulation, checkpoints, metrics, eval.
+
+A stage (see `llmstages.stages`) supplies only `loss(model, params, batch, dyn, rng, train) -> (sum, count,
+metric sums)`. Everything else lives here once:
+- state and optimizer (optax; decoupled, masked weight decay applied here so its strength is a traced value),
+- the step, `jax.jit` with in/out shardings and donated state, compiled before the loop (memory estimate printed),
+- exact gradient accumulation: micro-batch sums and counts are added, the mean is taken once,
+- per-step RNG by `fold_in(stage key, step)`, so a resumed run draws the same dropout masks,
+- orbax checkpoints with the data-iterator position, a save on SIGTERM/SIGINT, NaN/Inf stop with the step named,
+- held-out eval loss every `eval_every`, metrics to JSONL + TensorBoard, progress with ETA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llmstages import checkpoint as ckpt_lib
+from llmstages import partitioning
+from llmstages import regularization as reg_lib
+from llmstages import stages as stages_lib
+from llmstages.metrics import MetricsWriter, Progress
+from llmstages.model import Decoder, ModelConfig, RegSites
+
+STAGE_KEYS_REQUIRED = ("steps", "batch_size", "seq_len", "learning_rate", "data", "init_from", "eval_every",
+                       "checkpoint_every", "reg")
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer and schedules.
+
+def make_lr_schedule(scfg) -> optax.Schedule:
+  peak, warmup, steps = scfg.learning_rate, scfg.warmup_steps, scfg.steps
+  decay_steps = max(steps - warmup, 1)
+  end = peak * scfg.min_lr_ratio
+  if scfg.lr_schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=scfg.min_lr_ratio)
+  elif scfg.lr_schedule == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif scfg.lr_schedule == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"lr_schedule: {scfg.lr_schedule!r} is not one of cosine, linear, constant")
+  if warmup <= 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(scfg) -> optax.GradientTransformation:
+  """The update direction (before learning rate and weight decay, which the step applies)."""
+  parts = []
+  if scfg.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(scfg.grad_clip))
+  if scfg.optimizer == "adamw":
+    parts.append(optax.scale_by_adam(b1=scfg.b1, b2=scfg.b2, eps=scfg.eps))
+  elif scfg.optimizer == "lion":
+    parts.append(optax.scale_by_lion(b1=scfg.b1, b2=scfg.b2))
+  elif scfg.optimizer == "sgd":
+    parts.append(optax.trace(decay=scfg.b1))
+  else:
+    raise ValueError(f"optimizer: {scfg.optimizer!r} is not one of adamw, lion, sgd")
+  return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step.
+
+def split_microbatches(batch: dict[str, jax.Array], grad_accum: int) -> dict[str, jax.Array]:
+  """[B, ...] -> [A, B/A, ...], taking every A-th row so each micro-batch spans all batch shards."""
+  def split(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape((b // grad_accum, grad_accum) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(stage, model, tx, lr_fn, wd_mask, grad_accum: int, seed_key: jax.Array) -> Callable:
+  """(state, batch, dyn) -> (state, metric sums). `dyn` holds the traced regularization values of this step."""
+
+  def loss_and_grad(params, micro, dyn, rng):
+    def f(p):
+      loss_sum, count, metrics = stage.loss(model, p, micro, dyn, rng, True)
+      return loss_sum, (count, metrics)
+    (loss_sum, (count, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
+    return loss_sum, count, metrics, grads
+
+  def train_step(state: TrainState, batch, dyn):
+    rng = jax.random.fold_in(seed_key, state.step)
+    if grad_accum == 1:
+      loss_sum, count, metrics, grad_sum = loss_and_grad(state.params, batch, dyn, rng)
+    else:
+      micro = split_microbatches(batch, grad_accum)
+
+      def body(carry, xs):
+        i, mb = xs
+        out = loss_and_grad(state.params, mb, dyn, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, out), None
+
+      first = jax.eval_shape(lambda: loss_and_grad(state.params, jax.tree.map(lambda x: x[0], micro), dyn, rng))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+      (loss_sum, count, metrics, grad_sum), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    grad_norm = optax.tree.norm(grads)
+    direction, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr = lr_fn(state.step)
+    wd = dyn["loss"]["weight_decay"]
+    params = jax.tree.map(lambda p, u, m: p - lr * (u + wd * m * p), state.params, direction, wd_mask)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    out = {"loss_sum": loss_sum, "count": count, **metrics, "grad_norm": grad_norm, "lr": lr}
+    return new_state, out
+
+  return train_step
+
+
+def make_eval_step(stage, model) -> Callable:
+  def eval_step(params, batch):
+    loss_sum, count, metrics = stage.loss(model, params, batch, None, None, False)
+    return {"loss_sum": loss_sum, "count": count, **metrics}
+  return eval_step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage setup.
+
+@dataclasses.dataclass
+class StageContext:
+  """Everything built from the config for one stage; tests and the benchmark use it without running the loop."""
+  name: str
+  config: Any
+  scfg: Any
+  model_cfg: ModelConfig
+  model: Decoder
+  eval_model: Decoder
+  stage: stages_lib.Stage
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  lr_fn: optax.Schedule
+  state_sharding: Any
+  abstract_state: Any
+  seed_key: jax.Array
+
+  def init_state(self, rng: jax.Array | None = None, params=None) -> TrainState:
+    """A fresh state (new params unless given), created directly in its sharded layout."""
+    rng = self.seed_key if rng is None else rng
+
+    def init(rng, params):
+      if params is None:
+        params = _init_params(self.model, self.model_cfg, rng)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    with self.activate():
+      if params is None:
+        fn = jax.jit(lambda r: init(r, None), out_shardings=self.state_sharding)
+        return fn(rng)
+      fn = jax.jit(init, in_shardings=(None, self.state_sharding.params), out_shardings=self.state_sharding)
+      return fn(rng, params)
+
+  def activate(self):
+    return partitioning.activate(self.mesh, self.rules)
+
+  def dyn_at(self, step: int):
+    return reg_lib.rates_at(self.scfg.reg, step, self.scfg.steps, self.model_cfg.num_layers)
+
+  def weight_decay_mask(self):
+    return reg_lib.weight_decay_mask(self.abstract_state.params, self.scfg.reg, self.model_cfg.num_layers)
+
+  def jit_train_step(self):
+    step = make_train_step(self.stage, self.model, self.tx, self.lr_fn, self.weight_decay_mask(),
+                           self.scfg.grad_accum, self.seed_key)
+    batch_sh = partitioning.batch_sharding(self.mesh)
+    rep = partitioning.replicated(self.mesh)
+    return jax.jit(step, in_shardings=(self.state_sharding, batch_sh, rep), out_shardings=(self.state_sharding, rep),
+                   donate_argnums=(0,))
+
+  def jit_eval_step(self):
+    return jax.jit(make_eval_step(self.stage, self.eval_model),
+                   in_shardings=(self.state_sharding.params, partitioning.batch_sharding(self.mesh)),
+                   out_shardings=partitioning.replicated(self.mesh))
+
+  def abstract_batch(self, local: bool = False):
+    b = self.scfg.batch_size // (jax.process_count() if local else 1)
+    shape = (b, self.scfg.seq_len)
+    sh = partitioning.batch_sharding(self.mesh)
+    types = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
+             "positions": jnp.int32}
+    return {k: jax.ShapeDtypeStruct(shape, t, sharding=sh) for k, t in types.items()}
+
+
+def _init_params(model, mc: ModelConfig, rng):
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  return nn.unbox(model.init({"params": rng}, tokens))["params"]
+
+
+def stage_seed_key(seed: int, stage_name: str) -> jax.Array:
+  """A stage's RNG stream: the run seed folded with a stable hash of the stage name."""
+  h = int.from_bytes(stage_name.encode()[:4].ljust(4, b"\0"), "little") ^ len(stage_name)
+  return jax.random.fold_in(jax.random.key(seed), h)
+
+
+def validate_stage_config(config, name: str) -> None:
+  if name not in config:
+    raise ValueError(f"config.stages names {name!r} but there is no config.{name} block")
+  scfg = config[name]
+  missing = [k for k in STAGE_KEYS_REQUIRED if k not in scfg]
+  if missing:
+    raise ValueError(f"config.{name} lacks keys {missing}")
+  where = f"config.{name}"
+  for key in ("steps", "batch_size", "seq_len"):
+    if scfg[key] <= 0:
+      raise ValueError(f"{where}.{key} must be positive, got {scfg[key]}")
+  if scfg.batch_size % scfg.grad_accum:
+    raise ValueError(f"{where}.batch_size={scfg.batch_size} must divide by grad_accum={scfg.grad_accum}")
+  if scfg.seq_len > config.model.max_seq_len:
+    raise ValueError(f"{where}.seq_len={scfg.seq_len} exceeds config.model.max_seq_len={config.model.max_seq_len}")
+  if not 0.0 <= scfg.replay < 1.0:
+    raise ValueError(f"{where}.replay must be in [0, 1), got {scfg.replay}")
+  if scfg.replay > 0 and not scfg.init_from:
+    raise ValueError(f"{where}.replay needs init_from (the stage whose data is replayed)")
+  reg_lib.validate(scfg.reg, where)
+
+
+def build_context(config, name: str, mesh=None) -> StageContext:
+  validate_stage_config(config, name)
+  scfg = config[name]
+  mc = ModelConfig.from_config(config.model)
+  stage = stages_lib.get(name)
+  mesh = mesh if mesh is not None else partitioning.make_mesh(config.mesh)
+  rules = partitioning.rules_from_config(config.mesh.rules)
+  partitioning.check_batch_divisible(scfg.batch_size // scfg.grad_accum, mesh, f"config.{name}.batch_size")
+  model = Decoder(mc, reg_lib.sites(scfg.reg))
+  eval_model = Decoder(mc, RegSites())
+  tx = make_optimizer(scfg)
+  lr_fn = make_lr_schedule(scfg)
+  seed_key = stage_seed_key(config.seed, name)
+
+  def abstract_init(rng):
+    params = model.init({"params": rng}, jnp.zeros((1, 8), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))  # Boxed: moments inherit axis names.
+
+  with partitioning.activate(mesh, rules):
+    boxed = jax.eval_shape(abstract_init, seed_key)
+    state_sharding = partitioning.logical_to_sharding(boxed, mesh, rules)
+  unboxed = nn.unbox(boxed)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed,
+                                state_sharding)
+  return StageContext(name=name, config=config, scfg=scfg, model_cfg=mc, model=model, eval_model=eval_model,
+                      stage=stage, mesh=mesh, rules=rules, tx=tx, lr_fn=lr_fn, state_sharding=state_sharding,
+                      abstract_state=abstract_state, seed_key=seed_key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Final parameters of a stage: what `init_from` and the evaluators load.
+
+def final_params_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "final_params")
+
+
+def final_marker(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "final.json")
+
+
+def stage_finished(workdir: str, stage: str) -> bool:
+  return os.path.exists(final_marker(workdir, stage))
+
+
+def save_final_params(workdir: str, stage: str, params, step: int) -> None:
+  import orbax.checkpoint as ocp
+  path = final_params_dir(workdir, stage)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(path), params, force=True)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(final_marker(workdir, stage), "w") as f:
+      json.dump({"stage": stage, "step": int(step), "params": os.path.abspath(path)}, f)
+
+
+def load_final_params(workdir: str, stage: str, abstract_params, needed_by: str = ""):
+  """The final parameters of `stage` in `workdir`, restored onto the shardings of `abstract_params`."""
+  import orbax.checkpoint as ocp
+  who = f"config.{needed_by}.init_from={stage!r}: " if needed_by else ""
+  if not stage_finished(workdir, stage):
+    ckdir = os.path.join(workdir, stage, "checkpoints")
+    hint = (f"stage {stage!r} has checkpoints in {ckdir} but did not finish; rerun it first"
+            if os.path.isdir(ckdir) and os.listdir(ckdir) else f"run stage {stage!r} first")
+    raise FileNotFoundError(f"{who}no final checkpoint of stage {stage!r} in {workdir} "
+                            f"(expected {final_marker(workdir, stage)}); {hint}")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(os.path.abspath(final_params_dir(workdir, stage)), abstract_params)
+  except Exception as e:
+    raise ckpt_lib.CheckpointError(f"{who}cannot restore the final parameters of stage {stage!r} from "
+                                   f"{final_params_dir(workdir, stage)}: {type(e).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data wiring.
+
+def stage_mixture(config, name: str):
+  from llmstages import data
+  scfg = config[name]
+  mixture = data.parse_mixture(scfg.data)
+  if scfg.replay > 0:
+    old = data.parse_mixture(config[scfg.init_from].data)
+    new_total = sum(w for _, w in mixture)
+    old_total = sum(w for _, w in old)
+    mixture = ([(s, (1 - scfg.replay) * w / new_total) for s, w in mixture]
+               + [(s, scfg.replay * w / old_total) for s, w in old])
+  return mixture
+
+
+def data_dir(config) -> str:
+  return config.data.dir or os.environ.get("LLMSTAGES_DATA_DIR") or os.path.expanduser("~/.cache/llmstages/data")
+
+
+def tokenizer_for(config):
+  """The one tokenizer of a pipeline: trained on every stage's sources (or `data.tokenizer_sources`)."""
+  from llmstages import data
+  if config.data.tokenizer_sources:
+    sources = [s for s, _ in data.parse_mixture(config.data.tokenizer_sources)]
+  else:
+    sources = []
+    for name in config.stages:
+      for s, _ in data.parse_mixture(config[name].data):
+        if s not in sources:
+          sources.append(s)
+  tok = data.get_tokenizer(sources, config.model.vocab_size, data_dir(config))
+  if tok.vocab_size > config.model.vocab_size:
+    raise ValueError(f"tokenizer has {tok.vocab_size} tokens but config.model.vocab_size={config.model.vocab_size}")
+  return tok
+
+
+def make_batches(ctx: StageContext, tokenizer, split: str = "train", mixture=None):
+  from llmstages import data
+  scfg = ctx.scfg
+  if mixture is None:
+    mixture = stage_mixture(ctx.config, ctx.name)
+    if split != "train" and scfg.eval_data:
+      mixture = data.parse_mixture(scfg.eval_data)
+  return data.make_iterator(mixture, tokenizer=tokenizer, batch_size=scfg.batch_size, seq_len=scfg.seq_len,
+                            seed=ctx.config.seed, split=split, data_dir=data_dir(ctx.config),
+                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            pack=scfg.pack, cross_document_attention=scfg.cross_document_attention)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+
+class _StopRequested:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps, so it can save before exiting."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread: leave signals alone.
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:  # Second signal: give up at once.
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _summarize(sums: list[dict[str, np.ndarray]], prefix: str) -> dict[str, float]:
+  total = {k: float(sum(np.asarray(m[k], np.float64) for m in sums)) for k in sums[0]}
+  count = max(total.pop("count"), 1.0)
+  out = {f"{prefix}/loss": total.pop("loss_sum") / count}
+  if "nll" in total:
+    out[f"{prefix}/nll"] = total["nll"] / count
+    out[f"{prefix}/perplexity"] = math.exp(min(total["nll"] / count, 50.0))
+  if "correct" in total:
+    out[f"{prefix}/accuracy"] = total["correct"] / count
+  if "logz_sq" in total:
+    out[f"{prefix}/logz_sq"] = total["logz_sq"] / count
+  for k in ("grad_norm", "lr"):
+    if k in total:
+      out[f"{prefix}/{k}"] = total[k] / len(sums)
+  out[f"{prefix}/tokens"] = count
+  return out
+
+
+def _memory_report(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # Not every backend implements it.
+    return "memory estimate unavailable on this backend"
+  if m is None:
+    return "memory estimate unavailable on this backend"
+  mib = lambda b: b / 2**20
+  return (f"arguments {mib(m.argument_size_in_bytes):.1f} MiB, outputs {mib(m.output_size_in_bytes):.1f} MiB, "
+          f"temporaries {mib(m.temp_size_in_bytes):.1f} MiB, code {mib(m.generated_code_size_in_bytes):.1f} MiB "
+          f"(per device)")
+
+
+def evaluate(ctx: StageContext, eval_fn, params, tokenizer) -> dict[str, float]:
+  it = make_batches(ctx, tokenizer, split="validation")
+  sums = []
+  for _ in range(ctx.scfg.eval_steps):
+    try:
+      local = next(it)
+    except StopIteration:
+      break
+    sums.append(jax.device_get(eval_fn(params, partitioning.global_batch(local, ctx.mesh))))
+  if not sums:
+    raise TrainingError(f"stage {ctx.name}: the validation split gave no batches")
+  out = _summarize(sums, "eval")
+  return out
+
+
+def run_stage(config, name: str, workdir: str, tokenizer=None, mesh=None) -> dict[str, Any]:
+  """Trains stage `name` to `config.<name>.steps`, resuming from its latest checkpoint. Returns a summary."""
+  ctx = build_context(config, name, mesh)
+  scfg = ctx.scfg
+  stage_dir = os.path.join(workdir, name)
+  os.makedirs(stage_dir, exist_ok=True)
+  if stage_finished(workdir, name):
+    print(f"[{name}] already finished ({final_marker(workdir, name)}); skipping", flush=True)
+    return {"stage": name, "skipped": True}
+  tokenizer = tokenizer if tokenizer is not None else tokenizer_for(config)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=scfg.keep_checkpoints)
+  try:
+    return _train(ctx, workdir, stage_dir, ckpt, tokenizer)
+  finally:
+    ckpt.close()
+
+
+def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Checkpointer, tokenizer):
+  name, scfg = ctx.name, ctx.scfg
+  train_iter = make_batches(ctx, tokenizer, split="train")
+  restored = ckpt.restore_latest(ctx.abstract_state)
+  if restored is not None:
+    start, state, meta = restored
+    train_iter.set_state(meta["data"])
+    print(f"[{name}] resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
+  elif scfg.init_from:
+    params = load_final_params(workdir, scfg.init_from, ctx.abstract_state.params, needed_by=name)
+    state = ctx.init_state(params=params)
+    start = 0
+    print(f"[{name}] initialized from the final parameters of stage {scfg.init_from!r}", flush=True)
+  else:
+    state = ctx.init_state()
+    start = 0
+
+  step_fn = ctx.jit_train_step()
+  eval_fn = ctx.jit_eval_step()
+  t0 = time.time()
+  with ctx.activate():
+    compiled = step_fn.lower(ctx.abstract_state, ctx.abstract_batch(), _abstract_dyn(ctx)).compile()
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ctx.abstract_state.params))
+  print(f"[{name}] compiled the train step in {time.time() - t0:.1f}s; {n_params:,} parameters; mesh "
+        f"{dict(ctx.mesh.shape)}; {_memory_report(compiled)}", flush=True)
+
+  writer = MetricsWriter(stage_dir, resume_step=start if restored is not None else None)
+  progress = Progress(name, start, scfg.steps, ctx.config.progress)
+  rep = partitioning.replicated(ctx.mesh)
+  window, window_t0, window_tokens = [], time.time(), 0
+  pending = None  # The previous step's metrics: checked while the current step runs.
+  last_saved = start if restored is not None else None
+
+  def check_finite(metrics, step):
+    loss = float(metrics["loss_sum"]) / max(float(metrics["count"]), 1.0)
+    if not math.isfinite(loss):
+      kept = f"the last good checkpoint is step {last_saved} in {ckpt.directory}" if last_saved is not None else \
+          "no checkpoint had been saved yet"
+      raise TrainingError(f"stage {name}: loss is {loss} at step {step}; stopping ({kept}). Lower the learning rate, "
+                          f"raise warmup, or check the data.")
+
+  def save(step, state):
+    nonlocal last_saved
+    ckpt.save(step, state, {"data": train_iter.get_state(), "stage": name, "step": step}, force=True)
+    last_saved = step
+
+  try:
+    with _StopRequested() as stop, ctx.activate():
+      for step in range(start, scfg.steps):
+        local = next(train_iter)
+        batch = partitioning.global_batch(local, ctx.mesh)
+        dyn = jax.device_put(ctx.dyn_at(step), rep)
+        state, metrics = compiled(state, batch, dyn)
+        window_tokens += scfg.batch_size * scfg.seq_len
+        if pending is not None:
+          check_finite(*pending)
+        pending = (metrics, step)
+        window.append(metrics)
+        done = step + 1
+        if done % scfg.log_every == 0 or done == scfg.steps:
+          sums = jax.device_get(window)
+          for i, m in enumerate(sums):
+            check_finite(m, done - len(sums) + i)
+          scalars = _summarize(sums, "train")
+          elapsed = time.time() - window_t0
+          scalars["train/tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
+          writer.write(done, scalars)
+          progress.update(done, scalars)
+          window, window_t0, window_tokens = [], time.time(), 0
+        if scfg.eval_every and (done % scfg.eval_every == 0 or done == scfg.steps):
+          scalars = evaluate(ctx, eval_fn, state.params, tokenizer)
+          writer.write(done, scalars)
+          progress.update(done, scalars)
+        if done % scfg.checkpoint_every == 0 or stop.signum is not None:
+          check_finite(*pending)
+          save(done, state)
+        if stop.signum is not None:
+          ckpt.wait()
+          msg = (f"[{name}] received signal {stop.signum} at step {done}; saved checkpoint step {done} in "
+                 f"{ckpt.directory}. Rerun the same command to resume.")
+          print(msg, flush=True)
+          raise SystemExit(128 + stop.signum)
+      if pending is not None:
+        check_finite(*pending)
+  finally:
+    progress.close()
+    writer.close()
+
+  if last_saved != scfg.steps:
+    save(scfg.steps, state)
+  ckpt.wait()
+  save_final_params(workdir, name, state.params, scfg.steps)
+  print(f"[{name}] finished {scfg.steps} steps; final parameters in {final_params_dir(workdir, name)}", flush=True)
+  return {"stage": name, "skipped": False, "steps": scfg.steps}
+
+
+def _abstract_dyn(ctx: StageContext):
+  rep = partitioning.replicated(ctx.mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=rep),
+                      ctx.dyn_at(0))
