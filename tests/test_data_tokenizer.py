@@ -1,0 +1,71 @@
+"""Tests of the SentencePiece tokenizer: fixed special ids, chat tokens, byte fallback, vocab cap, caching."""
+
+import os
+import pickle
+import time
+
+import pytest
+
+from llmstages import data
+
+BIOS = "bios(n=40,n_first=20,n_middle=20,n_last=30)"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tok(data_dir):
+    return data.get_tokenizer([BIOS], 1000, data_dir)
+
+
+def test_special_ids_and_chat_tokens(tok):
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert tok.id_to_piece(3) == "<unk>"
+    ids = [tok.token_id(t) for t in data.CHAT_TOKENS]
+    assert ids == [4, 5, 6, 7]
+    text = data.format_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    encoded = tok.encode(text)
+    assert encoded[0] == tok.token_id("<|user|>") and encoded[-1] == tok.token_id("<|end|>")
+    assert tok.token_id("<|assistant|>") in encoded
+    with pytest.raises(KeyError):
+        tok.token_id("<|nope|>")
+
+
+@pytest.mark.parametrize("text", ["Plain text.", "  two  spaces\nnewline\ttab", "Ünïcödé 日本語 🙂",
+                                  "12345+678=", "<|user|> q<|end|><|assistant|> a<|end|>"])
+def test_round_trip_any_text(tok, text):
+    ids = tok.encode(text)
+    assert tok.unk_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == text
+
+
+def test_digits_are_split(tok):
+    assert len(tok.encode("1234")) == 4
+
+
+def test_vocab_never_exceeds_request_and_cache(data_dir, tok):
+    big = data.get_tokenizer([BIOS], 32000, data_dir)  # far more than this corpus supports
+    assert 264 < big.vocab_size <= 32000
+    assert tok.vocab_size <= 1000
+    start = time.time()
+    again = data.get_tokenizer([BIOS], 1000, data_dir)
+    assert time.time() - start < 1.0 and again.path == tok.path and os.path.exists(tok.path)
+    assert again.encode("Some text here.") == tok.encode("Some text here.")
+    other = data.get_tokenizer([BIOS], 800, data_dir)
+    assert other.path != tok.path
+
+
+def test_pickle(tok):
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.vocab_size == tok.vocab_size and clone.encode("He was born.") == tok.encode("He was born.")
+
+
+def test_errors(data_dir):
+    with pytest.raises(ValueError, match="too small"):
+        data.get_tokenizer([BIOS], 100, data_dir)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.get_tokenizer(["nope"], 1000, data_dir)
