@@ -1,0 +1,33 @@
+r"""The benchmark model: 4 layers, d_model 256, 4 heads, seq_len 256, batch 16, vocab 8192, float32.
+
+  python -m llmstages.bench --config=configs/bench.py [--config.bench.rounds=5 ...]
+
+Prints one JSON object per line: the measured matmul peak, our train step and the PyTorch (nanoGPT-style) train
+step of the same model, timed alternately in one run, and their ratio.
+"""
+
+import ml_collections
+
+from llmstages import config as config_lib
+
+
+def get_config(arg: str = ""):
+  c = config_lib.base_config()
+  c.model.update(dict(vocab_size=8192, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=768,
+                      max_seq_len=256, dtype="float32"))
+  c.stages = ("pretrain",)
+  c.pretrain = config_lib.stage_config("pretrain", batch_size=16, seq_len=256, learning_rate=3e-4, warmup_steps=0)
+  c.bench = ml_collections.ConfigDict()
+  c.bench.rounds = 4  # Alternating rounds of JAX and PyTorch steps.
+  c.bench.steps_per_round = 4
+  c.bench.warmup = 2
+  c.bench.peak_gflops = 0.0  # 0: measure a large matmul in the compute dtype.
+  c.bench.torch = True  # Also time the PyTorch reference.
+  c.bench.train = True
+  if arg == "smoke":
+    c.model.update(dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=64))
+    c.pretrain.update(dict(batch_size=4, seq_len=32))
+    c.bench.update(dict(rounds=1, steps_per_round=2, warmup=1))
+  elif arg:
+    raise ValueError(f"configs/bench.py: unknown arg {arg!r}; known: smoke")
+  return config_lib.finalize(c)

@@ -1,0 +1,171 @@
+r"""Benchmarks, one JSON object per line.
+
+  python -m llmstages.bench --config=configs/bench.py [--config.KEY=VALUE ...]
+
+- `peak_matmul`: the machine's attainable matmul rate in the compute dtype (a large square matmul), the
+  denominator of MFU unless `bench.peak_gflops` is given.
+- `train_step`: our jitted, sharded train step (the very function `train.py` runs) on random tokens.
+- `train_step_torch`: the same model in plain PyTorch written the way nanoGPT is (`llmstages.torch_ref`), timed in
+  alternating rounds with ours so both see the same machine state; `train_speedup` is the ratio of medians.
+MFU counts 6 * N + 12 * layers * seq_len * d_model FLOPs per token (N: parameters of every matmul, the output
+projection included, the embedding lookup not; attention counted as if not causal, as PaLM does).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.", lock_config=True)
+
+
+def emit(record: dict) -> None:
+  print(json.dumps(record), flush=True)
+
+
+def measure_peak_gflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+  a = jnp.ones((n, n), dtype)
+  b = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best / 1e9
+
+
+def train_flops_per_token(mc, seq_len: int) -> float:
+  h = mc.dim_per_head
+  per_layer = mc.d_model * h * (2 * mc.num_heads + 2 * mc.num_kv_heads) + 3 * mc.d_model * mc.mlp_dim
+  n_matmul = mc.num_layers * per_layer + mc.d_model * mc.vocab_size
+  return 6.0 * n_matmul + 12.0 * mc.num_layers * seq_len * mc.num_heads * h
+
+
+def random_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq_len), np.float32),
+          "segment_ids": np.ones((batch, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()}
+
+
+class JaxTrainer:
+  """Our train step on a fixed random batch; `run(n)` returns per-step seconds."""
+
+  def __init__(self, config):
+    from llmstages import partitioning, train
+    self.ctx = train.build_context(config, "pretrain")
+    scfg = self.ctx.scfg
+    self.tokens_per_step = scfg.batch_size * scfg.seq_len
+    self.batch = partitioning.global_batch(random_batch(config.model.vocab_size, scfg.batch_size, scfg.seq_len),
+                                           self.ctx.mesh)
+    self.dyn = jax.device_put(self.ctx.dyn_at(0), partitioning.replicated(self.ctx.mesh))
+    with self.ctx.activate():
+      t = time.perf_counter()
+      self.step = self.ctx.jit_train_step().lower(self.ctx.abstract_state, self.ctx.abstract_batch(),
+                                                  jax.tree.map(lambda x: x, self.dyn)).compile()
+      self.compile_s = time.perf_counter() - t
+    self.state = self.ctx.init_state()
+
+  def run(self, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      self.state, metrics = self.step(self.state, self.batch, self.dyn)
+      metrics["loss_sum"].block_until_ready()
+      times.append(time.perf_counter() - t)
+    self.last_loss = float(metrics["loss_sum"] / metrics["count"])
+    return times
+
+
+class TorchTrainer:
+  def __init__(self, mc, scfg):
+    import torch
+    from llmstages import torch_ref
+    self.torch = torch
+    self.threads = torch_ref.machine_cores()
+    torch.set_num_threads(self.threads)
+    torch.manual_seed(0)
+    self.model = torch_ref.TorchDecoder(mc).train()
+    self.opt = torch_ref.make_optimizer(self.model, scfg.learning_rate, scfg.reg.weight_decay, (scfg.b1, scfg.b2))
+    self.step = torch_ref.train_step_fn(self.model, self.opt, grad_clip=scfg.grad_clip)
+    batch = random_batch(mc.vocab_size, scfg.batch_size, scfg.seq_len)
+    self.x = torch.from_numpy(batch["inputs"]).long()
+    self.y = torch.from_numpy(batch["targets"]).long()
+    self.tokens_per_step = scfg.batch_size * scfg.seq_len
+    self.fused = bool(self.opt.defaults.get("fused"))
+
+  def run(self, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+      t = time.perf_counter()
+      loss = self.step(self.x, self.y)
+      times.append(time.perf_counter() - t)
+    self.last_loss = float(loss)
+    return times
+
+
+def bench_train(config, peak_gflops: float) -> None:
+  b = config.bench
+  mc_flops = train_flops_per_token(_model_cfg(config), config.pretrain.seq_len)
+  ours = JaxTrainer(config)
+  ours.run(b.warmup)
+  theirs = TorchTrainer(_model_cfg(config), config.pretrain) if b.torch else None
+  if theirs:
+    theirs.run(b.warmup)
+  t_ours, t_theirs = [], []
+  for _ in range(b.rounds):
+    t_ours += ours.run(b.steps_per_round)
+    if theirs:
+      t_theirs += theirs.run(b.steps_per_round)
+
+  def record(name, times, tokens, extra):
+    med = statistics.median(times)
+    tps = tokens / med
+    return {"name": name, "tokens_per_sec": round(tps, 1), "step_ms": round(1e3 * med, 2),
+            "step_ms_min": round(1e3 * min(times), 2), "steps": len(times),
+            "mfu": round(tps * mc_flops / (peak_gflops * 1e9), 4), **extra}
+
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ours.ctx.abstract_state.params))
+  r_ours = record("train_step", t_ours, ours.tokens_per_step,
+                  {"framework": f"jax {jax.__version__}", "params": n_params, "compile_s": round(ours.compile_s, 2),
+                   "loss": round(ours.last_loss, 4), "devices": len(jax.devices()),
+                   "batch_size": config.pretrain.batch_size, "seq_len": config.pretrain.seq_len,
+                   "dtype": config.model.dtype, "flops_per_token": mc_flops})
+  emit(r_ours)
+  if theirs:
+    r_theirs = record("train_step_torch", t_theirs, theirs.tokens_per_step,
+                      {"framework": f"torch {theirs.torch.__version__} eager", "threads": theirs.threads,
+                       "fused_adamw": theirs.fused, "loss": round(theirs.last_loss, 4)})
+    emit(r_theirs)
+    emit({"name": "train_speedup", "ratio": round(r_ours["tokens_per_sec"] / r_theirs["tokens_per_sec"], 3),
+          "target": 1.3})
+
+
+def _model_cfg(config):
+  from llmstages.model import ModelConfig
+  return ModelConfig.from_config(config.model)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  peak = config.bench.peak_gflops or measure_peak_gflops(config.model.dtype)
+  emit({"name": "peak_matmul", "gflops": round(peak, 1), "dtype": config.model.dtype,
+        "measured": not config.bench.peak_gflops, "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind)})
+  if config.bench.train:
+    bench_train(config, peak)
+
+
+if __name__ == "__main__":
+  app.run(main)
