@@ -32,8 +32,12 @@ def final_params(workdir, stage="pretrain"):
   cfg_path = os.path.join(workdir, "config.json")
   assert os.path.exists(cfg_path)
   import orbax.checkpoint as ocp
+  path = os.path.abspath(train.final_params_dir(workdir, stage))
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as c:
-    return jax.device_get(c.restore(os.path.abspath(train.final_params_dir(workdir, stage))))
+    meta = c.metadata(path).item_metadata
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    return jax.device_get(c.restore(path, target))
 
 
 def test_reruns_are_deterministic_and_loss_falls(data_dir, tmp_path):
@@ -210,3 +214,35 @@ def test_bad_config_values_are_named(data_dir, tmp_path):
                              ({"pretrain.reg.schedule": "sometimes"}, "config.pretrain.reg.schedule")]:
     with pytest.raises(ValueError, match=message):
       pipeline.run(smoke(data_dir, **overrides), str(tmp_path))
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_device(data_dir, tmp_path):
+  """jax.distributed on 127.0.0.1: 2 processes x 2 CPU devices, mesh data=2 fsdp=2, vs one device."""
+  steps = ("--config.pretrain.steps=12", "--config.pretrain.log_every=1", "--config.pretrain.batch_size=8",
+           "--config.pretrain.eval_every=0", "--config.pretrain.checkpoint_every=6", f"--config.data.dir={data_dir}")
+  one = _run_cli(tmp_path / "one", *steps)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    cmd, env = _cli(tmp_path / "two", *steps, "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                    f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+                    "--cpu_devices_per_process=2")
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  a = read_metrics(tmp_path / "one", "pretrain", "train/loss")
+  b = read_metrics(tmp_path / "two", "pretrain", "train/loss")
+  assert sorted(a) == sorted(b) == list(range(1, 13))
+  for s in a:
+    assert abs(a[s] - b[s]) / abs(a[s]) < 1e-4, (s, a[s], b[s])
+  pa, pb = final_params(tmp_path / "one"), final_params(tmp_path / "two")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), pa, pb)
