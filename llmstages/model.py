@@ -349,15 +349,19 @@ class Decoder(nn.Module):
     return logits_BxLxV
 
   def _neftune(self, x_BxLxD, segment_ids_BxL, alpha):
-    """NEFTune: uniform noise scaled by alpha / sqrt(L * d), L the true length of the token's own document."""
-    b, l, d = x_BxLxD.shape
-    if segment_ids_BxL is None:
-      length_BxL = jnp.full((b, l), l, jnp.float32)
-      real_BxL = jnp.ones((b, l), jnp.bool_)
-    else:
-      same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-      length_BxL = jnp.sum(same_BxLxL, axis=-1).astype(jnp.float32)
-      real_BxL = segment_ids_BxL > 0
-    scale_BxL = jnp.where(real_BxL, alpha / jnp.sqrt(length_BxL * d), 0.0)
+    scale_BxL = neftune_scale(segment_ids_BxL, x_BxLxD.shape, alpha)
     noise = jax.random.uniform(self.make_rng("dropout"), x_BxLxD.shape, jnp.float32, -1.0, 1.0)
     return (x_BxLxD.astype(jnp.float32) + noise * scale_BxL[..., None]).astype(x_BxLxD.dtype)
+
+
+def neftune_scale(segment_ids_BxL: Array | None, shape: tuple[int, int, int], alpha) -> Array:
+  """NEFTune's noise bound alpha / sqrt(L * d) per token, L the true length of the token's own document.
+
+  Packed rows hold several documents, so L is counted per segment; padding (segment 0) gets no noise.
+  """
+  b, l, d = shape
+  if segment_ids_BxL is None:
+    return jnp.full((b, l), alpha / np.sqrt(l * d), jnp.float32)
+  same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  length_BxL = jnp.sum(same_BxLxL, axis=-1).astype(jnp.float32)
+  return jnp.where(segment_ids_BxL > 0, alpha / jnp.sqrt(length_BxL * d), 0.0)

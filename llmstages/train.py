@@ -162,6 +162,7 @@ class StageContext:
   state_sharding: Any
   abstract_state: Any
   seed_key: jax.Array
+  _init_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def init_state(self, rng: jax.Array | None = None, params=None) -> TrainState:
     """A fresh state (new params unless given), created directly in its sharded layout."""
@@ -172,12 +173,15 @@ class StageContext:
         params = _init_params(self.model, self.model_cfg, rng)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
-    with self.activate():
+    key = "fresh" if params is None else "given"
+    if key not in self._init_fns:
       if params is None:
-        fn = jax.jit(lambda r: init(r, None), out_shardings=self.state_sharding)
-        return fn(rng)
-      fn = jax.jit(init, in_shardings=(None, self.state_sharding.params), out_shardings=self.state_sharding)
-      return fn(rng, params)
+        self._init_fns[key] = jax.jit(lambda r, _: init(r, None), out_shardings=self.state_sharding)
+      else:
+        self._init_fns[key] = jax.jit(init, in_shardings=(None, self.state_sharding.params),
+                                      out_shardings=self.state_sharding)
+    with self.activate():
+      return self._init_fns[key](rng, params)
 
   def activate(self):
     return partitioning.activate(self.mesh, self.rules)
@@ -526,6 +530,7 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
           writer.write(done, scalars)
           progress.update(done, scalars)
           window, window_t0, window_tokens = [], time.time(), 0
+        t_aside = time.time()  # Eval and saving are kept out of train/tokens_per_sec.
         if scfg.eval_every and (done % scfg.eval_every == 0 or done == scfg.steps):
           scalars = evaluate(ctx, eval_fn, state.params, tokenizer)
           writer.write(done, scalars)
@@ -533,6 +538,7 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
         if done % scfg.checkpoint_every == 0 or stop.signum is not None:
           check_finite(*pending)
           save(done, state)
+        window_t0 += time.time() - t_aside
         if stop.signum is not None:
           ckpt.wait()
           msg = (f"[{name}] received signal {stop.signum} at step {done}; saved checkpoint step {done} in "

@@ -121,3 +121,30 @@ def test_changing_a_rate_does_not_recompile():
       losses.append(float(m["loss_sum"]))
   assert step._cache_size() == 1
   assert len(set(losses)) == 3
+
+
+def test_z_loss_changes_train_loss_only():
+  base_train, base_eval = _losses({})
+  tr, ev = _losses({"z_loss": 1e-2})
+  assert tr > base_train and ev == base_eval
+
+
+def test_neftune_scale_uses_each_documents_true_length():
+  from llmstages.model import neftune_scale
+  seg = jnp.array([[1, 1, 1, 1, 2, 2, 0, 0]])
+  s = np.asarray(neftune_scale(seg, (1, 8, 16), 5.0))[0]
+  np.testing.assert_allclose(s[:4], 5.0 / np.sqrt(4 * 16), rtol=1e-6)
+  np.testing.assert_allclose(s[4:6], 5.0 / np.sqrt(2 * 16), rtol=1e-6)
+  np.testing.assert_array_equal(s[6:], 0.0)  # Padding gets no noise.
+
+
+def test_dropout_and_drop_path_rescale_kept_values():
+  from llmstages.model import dropout
+  x = jnp.ones((64, 32, 16))
+  y = np.asarray(dropout(x, jnp.float32(0.25), jax.random.key(0)))
+  assert set(np.unique(y)) == {0.0, np.float32(1 / 0.75)}
+  assert abs((y == 0).mean() - 0.25) < 0.01 and abs(y.mean() - 1.0) < 0.02
+  rows = np.asarray(dropout(x, jnp.float32(0.5), jax.random.key(1), broadcast_dims=(1, 2)))
+  per_row = rows.reshape(64, -1)
+  assert all(len(np.unique(r)) == 1 for r in per_row)  # Drop-path drops a sequence's whole branch.
+  assert set(np.unique(per_row)) == {0.0, 2.0}
