@@ -182,13 +182,38 @@ def attention_mask(segment_ids_BxL: Array | None, length: int) -> Array:
   return same_BxLxL & causal_LxL[None]
 
 
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+  """An empty KV cache: per layer {'k', 'v'} of [B, S, K, H] (stacked as [Y, B, S, K, H] with scanned layers)."""
+  dtype = dtype or cfg.compute_dtype
+  shape = (batch, length, cfg.num_kv_heads, cfg.dim_per_head)
+  if cfg.scan_layers:
+    shape = (cfg.num_layers,) + shape
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+def cache_length(cache) -> int:
+  return (cache[0] if isinstance(cache, list) else cache)["k"].shape[-3]
+
+
+def cache_mask(cache_index, length: int, slots: int, kv_start_B) -> Array:
+  """[B, L, S]: the query in slot cache_index + i sees slots from its row's first real one up to its own."""
+  q_slot_L = cache_index + jnp.arange(length)
+  s = jnp.arange(slots)
+  causal_LxS = s[None, :] <= q_slot_L[:, None]
+  real_BxS = s[None, :] >= kv_start_B[:, None]
+  return causal_LxS[None] & real_BxS[:, None, :]
+
+
 class Attention(nn.Module):
   cfg: ModelConfig
   sites: RegSites
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL, attn_rate):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, attn_rate, cache=None, cache_index=None):
+    """`cache` ({'k', 'v'}: [B, S, K, H]) switches to decoding: the new keys and values are written at slot
+    `cache_index` and queries attend over all S slots under `mask_BxLxS`. Returns (out, new cache) then."""
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
     dt = cfg.compute_dtype
@@ -202,22 +227,28 @@ class Attention(nn.Module):
                            ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
     v_BxSxKxH = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads",
                                "activation_head_dim"))
+    if cache is not None:
+      at = (0, cache_index, 0, 0)
+      k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxSxKxH.astype(cache["k"].dtype), at)
+      v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxSxKxH.astype(cache["v"].dtype), at)
+      cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
 
     use_dropout = self.sites.attn_dropout and not self.deterministic
     if use_dropout or cfg.attention == "manual":
       rng = self.make_rng("dropout") if use_dropout else None
-      out_BxLxNxH = self._manual(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxL, attn_rate, rng)
+      out_BxLxNxH = self._manual(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, attn_rate, rng)
     else:
       impl = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[cfg.attention]
-      out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxLxL[:, None],
+      out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxLxS[:, None],
                                                  implementation=impl)
     out_BxLxNxH = _constrain(out_BxLxNxH, ("activation_batch", "activation_length", "activation_heads",
                                            "activation_head_dim"))
     out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
-    return Einsum("blnh,nhd->bld", (n, h, cfg.d_model), ("heads", "head_dim", "embed"), out_std, dt,
-                  name="o")(out_BxLxNxH)
+    out_BxLxD = Einsum("blnh,nhd->bld", (n, h, cfg.d_model), ("heads", "head_dim", "embed"), out_std, dt,
+                       name="o")(out_BxLxNxH)
+    return out_BxLxD if cache is None else (out_BxLxD, cache)
 
-  def _manual(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxL, rate, rng):
+  def _manual(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, rate, rng):
     """Explicit softmax attention: the path that can drop attention probabilities."""
     b, l, n, h = q_BxLxNxH.shape
     kv = k_BxSxKxH.shape[2]
@@ -225,7 +256,7 @@ class Attention(nn.Module):
     logits_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH,
                                   preferred_element_type=jnp.float32) / np.sqrt(h).astype(np.float32)
     big_neg = jnp.finfo(jnp.float32).min * 0.7
-    logits_BxKxGxLxS = jnp.where(mask_BxLxL[:, None, None], logits_BxKxGxLxS, big_neg)
+    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, big_neg)
     probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
     if rng is not None:
       probs = dropout(probs, rate, rng)
@@ -258,16 +289,19 @@ class Block(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxL, layer_rates):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, layer_rates, cache=None, cache_index=None):
     cfg = self.cfg
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="attn_norm")(x_BxLxD)
-    h = Attention(cfg, self.sites, self.deterministic, name="attn")(h, positions_BxL, mask_BxLxL,
-                                                                    layer_rates["attn_dropout"])
+    h = Attention(cfg, self.sites, self.deterministic, name="attn")(h, positions_BxL, mask_BxLxS,
+                                                                    layer_rates["attn_dropout"], cache, cache_index)
+    if cache is not None:
+      h, cache = h
     x_BxLxD = x_BxLxD + self._regularize_branch(h, layer_rates)
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxLxD)
     h = Mlp(cfg, self.sites, self.deterministic, name="mlp")(h, layer_rates["mlp_dropout"])
     x_BxLxD = x_BxLxD + self._regularize_branch(h, layer_rates)
-    return _constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
+    x_BxLxD = _constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
+    return x_BxLxD if cache is None else (x_BxLxD, cache)
 
   def _regularize_branch(self, h_BxLxD, layer_rates):
     if self.deterministic:
@@ -286,9 +320,11 @@ class ScannedBlock(nn.Module):
   deterministic: bool
 
   @nn.compact
-  def __call__(self, x_BxLxD, layer_rates, positions_BxL, mask_BxLxL):
+  def __call__(self, x_BxLxD, xs, positions_BxL, mask_BxLxS, cache_index):
+    layer_rates, cache = xs
     block = Block(self.cfg, self.sites, self.deterministic, name="block")
-    return block(x_BxLxD, positions_BxL, mask_BxLxL, layer_rates), None
+    out = block(x_BxLxD, positions_BxL, mask_BxLxS, layer_rates, cache, cache_index)
+    return out if cache is not None else (out, None)
 
 
 class Decoder(nn.Module):
@@ -298,7 +334,9 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, rates=None, deterministic=True,
-               return_hidden=False):
+               return_hidden=False, cache=None, cache_index=None, kv_start_B=None):
+    """With `cache` (see `init_cache`), decodes: tokens go to slots cache_index.. of the cache, row b attends to
+    slots [kv_start_B[b], its own slot] (left-padded prompts), and the result is (logits, new cache)."""
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
@@ -315,7 +353,10 @@ class Decoder(nn.Module):
     if not deterministic and self.sites.embed_dropout:
       x_BxLxD = dropout(x_BxLxD, rates["embed_dropout"], self.make_rng("dropout"))
 
-    mask_BxLxL = attention_mask(segment_ids_BxL, l)
+    if cache is None:
+      mask_BxLxS = attention_mask(segment_ids_BxL, l)
+    else:
+      mask_BxLxS = cache_mask(cache_index, l, cache_length(cache), kv_start_B)
     layer_rates = {k: rates[k] for k in LAYER_RATE_KEYS}
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.scan_layers:
@@ -323,18 +364,24 @@ class Decoder(nn.Module):
       if cfg.remat != "none":
         block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, _ = stack(cfg, self.sites, deterministic, name="layers")(x_BxLxD, layer_rates, positions_BxL,
-                                                                        mask_BxLxL)
+      x_BxLxD, cache = stack(cfg, self.sites, deterministic, name="layers")(
+          x_BxLxD, (layer_rates, cache), positions_BxL, mask_BxLxS, cache_index)
     else:
       block_cls = Block
       if cfg.remat != "none":
         block_cls = nn.remat(block_cls, policy=policy)
+      new_cache = []
       for i in range(cfg.num_layers):
         rates_i = {k: v[i] for k, v in layer_rates.items()}
-        x_BxLxD = block_cls(cfg, self.sites, deterministic, name=f"layers_{i}")(x_BxLxD, positions_BxL,
-                                                                                 mask_BxLxL, rates_i)
+        block = block_cls(cfg, self.sites, deterministic, name=f"layers_{i}")
+        if cache is None:
+          x_BxLxD = block(x_BxLxD, positions_BxL, mask_BxLxS, rates_i)
+        else:
+          x_BxLxD, layer_cache = block(x_BxLxD, positions_BxL, mask_BxLxS, rates_i, cache[i], cache_index)
+          new_cache.append(layer_cache)
+      cache = new_cache if cache is not None else None
 
     hidden_BxLxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
@@ -344,9 +391,8 @@ class Decoder(nn.Module):
       logits_BxLxV = Einsum("bld,dv->blv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
                             cfg.compute_dtype, jnp.float32, name="lm_head")(hidden_BxLxD)
     logits_BxLxV = _constrain(logits_BxLxV, ("activation_batch", "activation_length", "activation_vocab"))
-    if return_hidden:
-      return logits_BxLxV, hidden_BxLxD
-    return logits_BxLxV
+    out = (logits_BxLxV, hidden_BxLxD) if return_hidden else logits_BxLxV
+    return out if cache is None else (out, cache)
 
   def _neftune(self, x_BxLxD, segment_ids_BxL, alpha):
     scale_BxL = neftune_scale(segment_ids_BxL, x_BxLxD.shape, alpha)

@@ -1,0 +1,194 @@
+"""The KV-cache sampler: jitted prefill plus a `lax.while_loop` decode, batched, on the training mesh.
+
+Order of samples: with `num_samples = n`, sample j of prompt i is row `i * n + j` (prompt-major), so each prompt's
+samples are contiguous, in prompt order (GRPO's groups rely on this).
+
+Prompts are left-padded to a bucketed length (powers of two from 16), so nearby lengths share one compile;
+`kv_start` tells each row where its real tokens begin, and positions count from there, so padding changes
+nothing. Temperature 0 is a true argmax. Temperature, top-k and top-p are traced values (no recompiles);
+whether any top-k/top-p filtering exists is static. A row stops at EOS and is padded after it (log-prob 0).
+
+Log-probs: at temperature > 0, each token's log-prob under the distribution it was drawn from (temperature
+scaled, then filtered); at temperature 0, its log-prob at temperature 1. At temperature 1 without filtering
+these are the training code's log-probs of the same tokens.
+
+Optional MC dropout (`mc_dropout > 0`) keeps dropout on at every site during sampling: a second source of
+randomness, even at temperature 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmstages.model import Decoder, ModelConfig, RegSites, init_cache, zero_rates
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+  b = minimum
+  while b < n:
+    b *= 2
+  return b
+
+
+@dataclasses.dataclass
+class Samples:
+  """Generated continuations; row r belongs to prompt `prompt_index[r]` (prompt-major order)."""
+  tokens: np.ndarray  # [R, T] int32, pad after EOS.
+  logprobs: np.ndarray  # [R, T] float32, 0 after EOS.
+  lengths: np.ndarray  # [R] tokens generated, EOS included.
+  prompt_index: np.ndarray  # [R]
+
+  def sequences(self) -> list[list[int]]:
+    """Each row's tokens up to and including EOS."""
+    return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def _choose(logits_BxV, key, temperature, top_k, top_p, filtering: bool):
+  """(token, log-prob) per row; see the module docstring for which log-prob."""
+  logits = logits_BxV.astype(jnp.float32)
+  greedy_B = jnp.argmax(logits, axis=-1)
+  scaled = logits / jnp.maximum(temperature, 1e-6)
+  if filtering:
+    sorted_BxV = jnp.sort(scaled, axis=-1)[:, ::-1]
+    v = logits.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth_B = jnp.take(sorted_BxV, k - 1, axis=-1)
+    probs_sorted = jax.nn.softmax(sorted_BxV, axis=-1)
+    before_BxV = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted  # Mass strictly above each entry.
+    keep_sorted = before_BxV < top_p  # The smallest set whose mass reaches top_p (the top token always stays).
+    pth_B = jnp.min(jnp.where(keep_sorted, sorted_BxV, jnp.inf), axis=-1)
+    threshold_B = jnp.maximum(kth_B, pth_B)
+    scaled = jnp.where(scaled >= threshold_B[:, None], scaled, -jnp.inf)
+  sampled_B = jax.random.categorical(key, scaled, axis=-1)
+  token_B = jnp.where(temperature > 0, sampled_B, greedy_B)
+  logp_sampled = jax.nn.log_softmax(scaled, axis=-1)
+  logp_t1 = jax.nn.log_softmax(logits, axis=-1)
+  lp = jnp.where(temperature > 0, logp_sampled, logp_t1)
+  return token_B, jnp.take_along_axis(lp, token_B[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "new_tokens", "eos_id", "pad_id", "filtering", "mc"))
+def _generate(params, prompt_BxP, kv_start_B, rng, temperature, top_k, top_p, mc_rate, *, model: Decoder,
+              new_tokens: int, eos_id: int, pad_id: int, filtering: bool, mc: bool):
+  b, p = prompt_BxP.shape
+  cache = init_cache(model.cfg, b, p + new_tokens)
+  rates = jax.tree.map(lambda r: r + mc_rate, zero_rates(model.cfg.num_layers)) if mc else None
+  rates = None if rates is None else {**rates, "neftune_alpha": jnp.zeros((), jnp.float32),
+                                      "drop_path": jnp.zeros_like(rates["drop_path"])}
+
+  def apply(tokens_BxL, positions_BxL, cache, index, key):
+    (logits_BxLxV), cache = model.apply({"params": params}, tokens_BxL, positions_BxL, cache=cache,
+                                        cache_index=index, kv_start_B=kv_start_B, rates=rates,
+                                        deterministic=not mc, rngs={"dropout": key} if mc else None)
+    return logits_BxLxV[:, -1], cache
+
+  positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - kv_start_B[:, None], 0)
+  rng, key = jax.random.split(rng)
+  last_BxV, cache = apply(prompt_BxP, positions_BxP, cache, 0, key)
+  prompt_len_B = p - kv_start_B
+
+  def cond(state):
+    i, _, _, _, _, done_B, _ = state
+    return (i < new_tokens) & ~jnp.all(done_B)
+
+  def body(state):
+    i, last_BxV, cache, tokens_BxT, logps_BxT, done_B, rng = state
+    rng, k_sample, k_drop = jax.random.split(rng, 3)
+    token_B, logp_B = _choose(last_BxV, k_sample, temperature, top_k, top_p, filtering)
+    token_B = jnp.where(done_B, pad_id, token_B).astype(jnp.int32)
+    logp_B = jnp.where(done_B, 0.0, logp_B)
+    tokens_BxT = tokens_BxT.at[:, i].set(token_B)
+    logps_BxT = logps_BxT.at[:, i].set(logp_B)
+    done_B = done_B | (token_B == eos_id)
+    last_BxV, cache = apply(token_B[:, None], (prompt_len_B + i)[:, None], cache, p + i, k_drop)
+    return i + 1, last_BxV, cache, tokens_BxT, logps_BxT, done_B, rng
+
+  state = (jnp.int32(0), last_BxV, cache, jnp.full((b, new_tokens), pad_id, jnp.int32),
+           jnp.zeros((b, new_tokens), jnp.float32), jnp.zeros((b,), jnp.bool_), rng)
+  _, _, _, tokens_BxT, logps_BxT, _, _ = jax.lax.while_loop(cond, body, state)
+  return tokens_BxT, logps_BxT
+
+
+class Sampler:
+  """Samples continuations of token prompts from a `Decoder`'s parameters.
+
+  `mesh`/`rules`: run inside that mesh (parameters keep their training shardings). `mc_dropout`: dropout rate at
+  every site during sampling (0: deterministic model).
+  """
+
+  def __init__(self, model_cfg: ModelConfig, *, eos_id: int, pad_id: int, mesh=None, rules=(),
+               mc_dropout: float = 0.0):
+    self.cfg = model_cfg
+    self.eos_id, self.pad_id = eos_id, pad_id
+    self.mesh, self.rules = mesh, rules
+    self.mc_dropout = float(mc_dropout)
+    sites = RegSites(embed_dropout=False, attn_dropout=True, residual_dropout=True, mlp_dropout=True) \
+        if self.mc_dropout > 0 else RegSites()
+    self.model = Decoder(model_cfg, sites)
+
+  def prepare(self, prompts: Sequence[Sequence[int]], new_tokens: int, num_samples: int = 1):
+    """Left-pads prompts to a bucketed length; returns (prompt_BxP, kv_start_B) with rows prompt-major."""
+    if not prompts:
+      raise ValueError("no prompts to sample from")
+    longest = max(len(x) for x in prompts)
+    if min(len(x) for x in prompts) == 0:
+      raise ValueError("a prompt is empty: every prompt needs at least one token (e.g. BOS)")
+    limit = self.cfg.max_seq_len
+    if longest + new_tokens > limit:
+      raise ValueError(f"a prompt of {longest} tokens plus {new_tokens} new tokens exceeds the model's context "
+                       f"(config.model.max_seq_len={limit})")
+    p = min(bucket_length(longest), limit - new_tokens)
+    rows = [list(x) for x in prompts for _ in range(num_samples)]
+    prompt_BxP = np.full((len(rows), p), self.pad_id, np.int32)
+    kv_start_B = np.zeros((len(rows),), np.int32)
+    for r, toks in enumerate(rows):
+      prompt_BxP[r, p - len(toks):] = toks
+      kv_start_B[r] = p - len(toks)
+    return prompt_BxP, kv_start_B
+
+  def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0) -> Samples:
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or num_samples < 1:
+      raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
+                       f"top_p={top_p} (in (0, 1]), max_new_tokens={max_new_tokens} (>= 1), "
+                       f"num_samples={num_samples} (>= 1)")
+    prompt_BxP, kv_start_B = self.prepare(prompts, max_new_tokens, num_samples)
+    filtering = top_k > 0 or top_p < 1.0
+    args = (params, prompt_BxP, kv_start_B, jax.random.key(seed), np.float32(temperature), np.int32(top_k),
+            np.float32(top_p), np.float32(self.mc_dropout))
+    kwargs = dict(model=self.model, new_tokens=max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
+                  filtering=filtering, mc=self.mc_dropout > 0)
+    if self.mesh is not None:
+      from llmstages import partitioning
+      with partitioning.activate(self.mesh, self.rules):
+        tokens, logps = _generate(*args, **kwargs)
+    else:
+      tokens, logps = _generate(*args, **kwargs)
+    tokens, logps = np.asarray(jax.device_get(tokens)), np.asarray(jax.device_get(logps))
+    is_eos = tokens == self.eos_id
+    lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, max_new_tokens).astype(np.int32)
+    prompt_index = np.repeat(np.arange(len(prompts)), num_samples)
+    return Samples(tokens=tokens, logprobs=logps, lengths=lengths, prompt_index=prompt_index)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "new_tokens"))
+def generate_without_cache(params, prompt_BxP, *, model: Decoder, new_tokens: int):
+  """Greedy decoding by recomputing the whole forward pass for every token (a reference and a baseline).
+
+  Prompts must be unpadded and of equal length; the buffer has a fixed shape so this compiles once.
+  """
+  b, p = prompt_BxP.shape
+  buf = jnp.concatenate([prompt_BxP, jnp.zeros((b, new_tokens), jnp.int32)], axis=1)
+
+  def body(i, buf):
+    logits = model.apply({"params": params}, buf)
+    nxt = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False), axis=-1)
+    return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(jnp.int32), p + i, axis=1)
+
+  return jax.lax.fori_loop(0, new_tokens, body, buf)[:, p:]

@@ -1,0 +1,146 @@
+"""Sampler identities: cached decode == full forward, greedy == argmax == top-k 1, seeds, log-probs, order, EOS."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmstages import losses
+from llmstages.model import Decoder, init_cache
+from llmstages.sampler import Sampler, _generate, generate_without_cache
+from tests.helpers import init_params, tiny
+
+CFG = tiny(vocab_size=64, max_seq_len=64)
+EOS, PAD = 2, 0
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_params(CFG, seed=1)
+
+
+def _prompts(lengths=(5, 9, 3), seed=0):
+  rng = np.random.default_rng(seed)
+  return [list(rng.integers(3, 64, n)) for n in lengths]
+
+
+def test_cached_decode_equals_full_forward(params):
+  model = Decoder(CFG)
+  rng = np.random.default_rng(0)
+  lengths = [12, 7]
+  total = 16
+  seqs = [rng.integers(3, 64, total).astype(np.int32) for _ in lengths]
+  # Left-pad the prompts (first `n` tokens) into one batch; then feed the rest one token per step.
+  p = max(lengths)
+  prompt = np.zeros((2, p), np.int32)
+  start = np.array([p - n for n in lengths], np.int32)
+  for r, n in enumerate(lengths):
+    prompt[r, p - n:] = seqs[r][:n]
+  cache = init_cache(CFG, 2, p + total)
+  pos = np.maximum(np.arange(p)[None] - start[:, None], 0)
+  logits, cache = model.apply({"params": params}, prompt, pos, cache=cache, cache_index=0, kv_start_B=start)
+  got = {r: [np.asarray(logits[r, p - 1])] for r in range(2)}
+  for i in range(total - min(lengths)):
+    tok = np.array([seqs[r][min(lengths[r] + i, total - 1)] for r in range(2)], np.int32)[:, None]
+    step_pos = (np.array(lengths) + i)[:, None]
+    logits, cache = model.apply({"params": params}, tok, step_pos, cache=cache, cache_index=p + i,
+                                kv_start_B=start)
+    for r in range(2):
+      got[r].append(np.asarray(logits[r, 0]))
+  for r, n in enumerate(lengths):
+    full = np.asarray(model.apply({"params": params}, seqs[r][None]))[0]
+    for i in range(total - n):
+      np.testing.assert_allclose(got[r][i], full[n - 1 + i], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_is_argmax_is_top_k_1_and_matches_no_cache(params):
+  s = Sampler(CFG, eos_id=-1, pad_id=PAD)
+  prompts = _prompts((6, 6))
+  greedy = s.generate(params, prompts, max_new_tokens=10, temperature=0.0)
+  top1 = s.generate(params, prompts, max_new_tokens=10, temperature=1.0, top_k=1, seed=5)
+  np.testing.assert_array_equal(greedy.tokens, top1.tokens)
+  ref = generate_without_cache(params, jnp.asarray(np.array(prompts, np.int32)), model=Decoder(CFG), new_tokens=10)
+  np.testing.assert_array_equal(greedy.tokens, np.asarray(ref))
+
+
+def test_seeds_repeat_and_differ(params):
+  s = Sampler(CFG, eos_id=-1, pad_id=PAD)
+  a = s.generate(params, _prompts(), max_new_tokens=12, temperature=1.0, seed=3)
+  b = s.generate(params, _prompts(), max_new_tokens=12, temperature=1.0, seed=3)
+  c = s.generate(params, _prompts(), max_new_tokens=12, temperature=1.0, seed=4)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert (a.tokens != c.tokens).any()
+
+
+def test_logprobs_equal_training_logprobs(params):
+  s = Sampler(CFG, eos_id=-1, pad_id=PAD)
+  prompts = _prompts((5, 9))
+  out = s.generate(params, prompts, max_new_tokens=8, temperature=1.0, seed=0)
+  for r, prompt in enumerate(prompts):
+    seq = np.array(prompt + out.tokens[r].tolist(), np.int32)[None]
+    logits = Decoder(CFG).apply({"params": params}, seq[:, :-1])
+    lp = np.asarray(losses.token_logprobs(logits, seq[:, 1:]))[0, len(prompt) - 1:]
+    np.testing.assert_allclose(out.logprobs[r], lp, rtol=1e-5, atol=1e-5)
+
+
+def test_top_p_and_top_k_restrict_the_support(params):
+  s = Sampler(CFG, eos_id=-1, pad_id=PAD)
+  prompt = _prompts((6,))
+  greedy = s.generate(params, prompt, max_new_tokens=1, temperature=0.0)
+  first = int(greedy.tokens[0, 0])
+  tiny_p = s.generate(params, prompt, max_new_tokens=1, temperature=1.0, top_p=1e-6, num_samples=16, seed=1)
+  assert set(tiny_p.tokens[:, 0].tolist()) == {first}  # Only the top token survives a tiny top_p.
+  np.testing.assert_allclose(tiny_p.logprobs[:, 0], 0.0, atol=1e-6)  # ... with all the mass.
+  k3 = s.generate(params, prompt, max_new_tokens=1, temperature=2.0, top_k=3, num_samples=64, seed=2)
+  logits = np.asarray(Decoder(CFG).apply({"params": params}, np.array(prompt, np.int32)))[0, -1]
+  assert set(k3.tokens[:, 0].tolist()) <= set(np.argsort(logits)[-3:].tolist())
+
+
+def test_sample_order_is_prompt_major(params):
+  s = Sampler(CFG, eos_id=-1, pad_id=PAD)
+  prompts = _prompts((4, 7, 5))
+  many = s.generate(params, prompts, max_new_tokens=6, temperature=0.0, num_samples=3)
+  np.testing.assert_array_equal(many.prompt_index, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+  for i, prompt in enumerate(prompts):
+    one = s.generate(params, [prompt], max_new_tokens=6, temperature=0.0)
+    for j in range(3):
+      np.testing.assert_array_equal(many.tokens[3 * i + j], one.tokens[0])
+
+
+def test_stops_at_eos_and_pads_after(params):
+  prompts = _prompts((6, 6))
+  free = Sampler(CFG, eos_id=-1, pad_id=PAD).generate(params, prompts, max_new_tokens=10)
+  eos = int(free.tokens[0, 3])  # Declare row 0's 4th greedy token the EOS token.
+  out = Sampler(CFG, eos_id=eos, pad_id=PAD).generate(params, prompts, max_new_tokens=10)
+  first = int(np.argmax(free.tokens[0] == eos))
+  assert out.lengths[0] == first + 1
+  np.testing.assert_array_equal(out.tokens[0, :first + 1], free.tokens[0, :first + 1])
+  assert (out.tokens[0, first + 1:] == PAD).all() and (out.logprobs[0, first + 1:] == 0).all()
+
+
+def test_bucketed_lengths_share_a_compile(params):
+  s = Sampler(CFG, eos_id=-1, pad_id=PAD)
+  s.generate(params, _prompts((5,)), max_new_tokens=4)
+  n = _generate._cache_size()
+  s.generate(params, _prompts((11,)), max_new_tokens=4, temperature=0.7, top_k=0)
+  s.generate(params, _prompts((16,)), max_new_tokens=4)
+  assert _generate._cache_size() == n
+
+
+def test_mc_dropout_varies_greedy_output():
+  cfg = tiny(vocab_size=64, max_seq_len=64, init_std=0.5)  # Peaked logits, so dropout can flip the argmax.
+  params = init_params(cfg, seed=2)
+  prompts = _prompts((6,))
+  mc = Sampler(cfg, eos_id=-1, pad_id=PAD, mc_dropout=0.3)
+  a = mc.generate(params, prompts, max_new_tokens=12, seed=0)
+  b = mc.generate(params, prompts, max_new_tokens=12, seed=1)
+  assert (a.tokens != b.tokens).any()
+  plain = Sampler(cfg, eos_id=-1, pad_id=PAD)
+  np.testing.assert_array_equal(plain.generate(params, prompts, max_new_tokens=12, seed=0).tokens,
+                                plain.generate(params, prompts, max_new_tokens=12, seed=1).tokens)
+
+
+def test_prompt_longer_than_context_is_named(params):
+  s = Sampler(CFG, eos_id=-1, pad_id=PAD)
+  with pytest.raises(ValueError, match="exceeds the model's context.*max_seq_len=64"):
+    s.generate(params, [list(range(3, 60))], max_new_tokens=10)
