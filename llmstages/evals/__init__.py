@@ -1,0 +1,1 @@
+"""Evaluation: metrics, generation harnesses and reports for every stage checkpoint."""
