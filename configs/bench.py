@@ -14,7 +14,7 @@ from llmstages import config as config_lib
 def get_config(arg: str = ""):
   c = config_lib.base_config()
   c.model.update(dict(vocab_size=8192, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=768,
-                      max_seq_len=256, dtype="float32"))
+                      max_seq_len=512, dtype="float32"))
   c.stages = ("pretrain",)
   c.pretrain = config_lib.stage_config("pretrain", batch_size=16, seq_len=256, learning_rate=3e-4, warmup_steps=0)
   c.bench = ml_collections.ConfigDict()
@@ -24,10 +24,16 @@ def get_config(arg: str = ""):
   c.bench.peak_gflops = 0.0  # 0: measure a large matmul in the compute dtype.
   c.bench.torch = True  # Also time the PyTorch reference.
   c.bench.train = True
+  c.bench.decode = True
+  c.bench.decode_batch = 32
+  c.bench.decode_prompt_len = 16
+  c.bench.decode_new_tokens = 128
+  c.bench.decode_repeats = 3
   if arg == "smoke":
     c.model.update(dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=64))
     c.pretrain.update(dict(batch_size=4, seq_len=32))
-    c.bench.update(dict(rounds=1, steps_per_round=2, warmup=1))
+    c.bench.update(dict(rounds=1, steps_per_round=2, warmup=1, decode_batch=4, decode_new_tokens=8,
+                        decode_repeats=1))
   elif arg:
     raise ValueError(f"configs/bench.py: unknown arg {arg!r}; known: smoke")
   return config_lib.finalize(c)

@@ -7,6 +7,10 @@ r"""Benchmarks, one JSON object per line.
 - `train_step`: our jitted, sharded train step (the very function `train.py` runs) on random tokens.
 - `train_step_torch`: the same model in plain PyTorch written the way nanoGPT is (`llmstages.torch_ref`), timed in
   alternating rounds with ours so both see the same machine state; `train_speedup` is the ratio of medians.
+- `decode`: the KV-cache sampler (`llmstages.sampler`, greedy) on `bench.decode_batch` prompts of
+  `bench.decode_prompt_len` tokens, `bench.decode_new_tokens` new tokens each; `decode_no_cache`: the same model
+  decoding by recomputing the whole forward pass per token (jitted); `decode_torch`: the PyTorch reference with
+  its own KV cache. Tokens/s count generated tokens over the whole call, prefill included.
 MFU counts 6 * N + 12 * layers * seq_len * d_model FLOPs per token (N: parameters of every matmul, the output
 projection included, the embedding lookup not; attention counted as if not causal, as PaLM does).
 """
@@ -151,6 +155,50 @@ def bench_train(config, peak_gflops: float) -> None:
           "target": 1.3})
 
 
+def _time_calls(fn, repeats: int) -> float:
+  fn()  # Compile / warm up.
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def bench_decode(config) -> None:
+  from llmstages import sampler as sampler_lib
+  from llmstages.model import Decoder
+  b = config.bench
+  mc = _model_cfg(config)
+  batch, plen, new = b.decode_batch, b.decode_prompt_len, b.decode_new_tokens
+  prompts = np.random.default_rng(0).integers(3, mc.vocab_size, (batch, plen)).astype(np.int32)
+  from llmstages import train
+  ctx = train.build_context(config, "pretrain")
+  params = ctx.init_state().params  # Random init, in the training shardings.
+  s = sampler_lib.Sampler(mc, eos_id=-1, pad_id=0, mesh=ctx.mesh, rules=ctx.rules)  # No EOS: full length.
+  generated = batch * new
+  t_cache = _time_calls(lambda: s.generate(params, prompts.tolist(), max_new_tokens=new), b.decode_repeats)
+  emit({"name": "decode", "tokens_per_sec": round(generated / t_cache, 1), "ms_per_token": round(1e3 * t_cache / new,
+        3), "batch": batch, "prompt_len": plen, "new_tokens": new, "framework": f"jax {jax.__version__}"})
+  model = Decoder(mc)
+  no_cache = lambda: np.asarray(sampler_lib.generate_without_cache(params, jnp.asarray(prompts), model=model,
+                                                                   new_tokens=new))
+  t_full = _time_calls(no_cache, 1)
+  emit({"name": "decode_no_cache", "tokens_per_sec": round(generated / t_full, 1),
+        "ms_per_token": round(1e3 * t_full / new, 3), "cache_speedup": round(t_full / t_cache, 2), "target": 10.0})
+  if b.torch:
+    import torch
+    from llmstages import torch_ref
+    torch.set_num_threads(torch_ref.machine_cores())
+    torch.manual_seed(0)
+    tmodel = torch_ref.TorchDecoder(mc).eval()
+    tprompt = torch.from_numpy(prompts).long()
+    t_torch = _time_calls(lambda: torch_ref.generate(tmodel, tprompt, new), b.decode_repeats)
+    emit({"name": "decode_torch", "tokens_per_sec": round(generated / t_torch, 1),
+          "ms_per_token": round(1e3 * t_torch / new, 3), "framework": f"torch {torch.__version__} eager KV cache"})
+    emit({"name": "decode_speedup", "ratio": round(t_torch / t_cache, 3), "target": 1.5})
+
+
 def _model_cfg(config):
   from llmstages.model import ModelConfig
   return ModelConfig.from_config(config.model)
@@ -165,6 +213,8 @@ def main(argv):
         "device": str(jax.devices()[0].device_kind)})
   if config.bench.train:
     bench_train(config, peak)
+  if config.bench.decode:
+    bench_decode(config)
 
 
 if __name__ == "__main__":

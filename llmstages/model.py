@@ -183,9 +183,12 @@ def attention_mask(segment_ids_BxL: Array | None, length: int) -> Array:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-  """An empty KV cache: per layer {'k', 'v'} of [B, S, K, H] (stacked as [Y, B, S, K, H] with scanned layers)."""
+  """An empty KV cache: per layer {'k', 'v'} of [B, K, S, H] (stacked as [Y, B, K, S, H] with scanned layers).
+
+  Head-major, so decoding attends over the cache without transposing it every step.
+  """
   dtype = dtype or cfg.compute_dtype
-  shape = (batch, length, cfg.num_kv_heads, cfg.dim_per_head)
+  shape = (batch, cfg.num_kv_heads, length, cfg.dim_per_head)
   if cfg.scan_layers:
     shape = (cfg.num_layers,) + shape
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -193,7 +196,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
 
 
 def cache_length(cache) -> int:
-  return (cache[0] if isinstance(cache, list) else cache)["k"].shape[-3]
+  return (cache[0] if isinstance(cache, list) else cache)["k"].shape[-2]
 
 
 def cache_mask(cache_index, length: int, slots: int, kv_start_B) -> Array:
@@ -212,7 +215,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxLxS, attn_rate, cache=None, cache_index=None):
-    """`cache` ({'k', 'v'}: [B, S, K, H]) switches to decoding: the new keys and values are written at slot
+    """`cache` ({'k', 'v'}: [B, K, S, H]) switches to decoding: the new keys and values are written at slot
     `cache_index` and queries attend over all S slots under `mask_BxLxS`. Returns (out, new cache) then."""
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -227,14 +230,15 @@ class Attention(nn.Module):
                            ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
     v_BxSxKxH = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads",
                                "activation_head_dim"))
-    if cache is not None:
-      at = (0, cache_index, 0, 0)
-      k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxSxKxH.astype(cache["k"].dtype), at)
-      v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxSxKxH.astype(cache["v"].dtype), at)
-      cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
-
     use_dropout = self.sites.attn_dropout and not self.deterministic
-    if use_dropout or cfg.attention == "manual":
+    if cache is not None:
+      at = (0, 0, cache_index, 0)
+      put = lambda buf, new_BxLxKxH: jax.lax.dynamic_update_slice(buf, jnp.swapaxes(new_BxLxKxH, 1, 2).astype(
+          buf.dtype), at)
+      cache = {"k": put(cache["k"], k_BxSxKxH), "v": put(cache["v"], v_BxSxKxH)}
+      rng = self.make_rng("dropout") if use_dropout else None
+      out_BxLxNxH = self._cached(q_BxLxNxH, cache["k"], cache["v"], mask_BxLxS, attn_rate, rng)
+    elif use_dropout or cfg.attention == "manual":
       rng = self.make_rng("dropout") if use_dropout else None
       out_BxLxNxH = self._manual(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, attn_rate, rng)
     else:
@@ -247,6 +251,21 @@ class Attention(nn.Module):
     out_BxLxD = Einsum("blnh,nhd->bld", (n, h, cfg.d_model), ("heads", "head_dim", "embed"), out_std, dt,
                        name="o")(out_BxLxNxH)
     return out_BxLxD if cache is None else (out_BxLxD, cache)
+
+  def _cached(self, q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, rate, rng):
+    """Attention over a head-major KV cache: batch dims (b, k) lead, so no operand is transposed."""
+    b, l, n, h = q_BxLxNxH.shape
+    kv = k_BxKxSxH.shape[1]
+    q_BxKxGxLxH = jnp.moveaxis(q_BxLxNxH.reshape(b, l, kv, n // kv, h), 1, 3)
+    logits_BxKxGxLxS = jnp.einsum("bkglh,bksh->bkgls", q_BxKxGxLxH, k_BxKxSxH,
+                                  preferred_element_type=jnp.float32) / np.sqrt(h).astype(np.float32)
+    big_neg = jnp.finfo(jnp.float32).min * 0.7
+    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, big_neg)
+    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+    if rng is not None:
+      probs = dropout(probs, rate, rng)
+    out = jnp.einsum("bkgls,bksh->blkgh", probs.astype(v_BxKxSxH.dtype), v_BxKxSxH)
+    return out.reshape(b, l, n, h)
 
   def _manual(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, rate, rng):
     """Explicit softmax attention: the path that can drop attention probabilities."""
