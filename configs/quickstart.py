@@ -20,19 +20,25 @@ def get_config(arg: str = ""):
                       max_seq_len=256))
   c.stages = ("pretrain", "cpt")
   bios = "bios(n=1000,format=multi_permute,n_new=200)"
+  stories = "stories(bios_n=1000)"
+  evals = ("perplexity", "bios_facts", "capacity", "arith", "diversity")
   c.pretrain = config_lib.stage_config(
-      "pretrain", steps=600, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=50, data=bios,
-      eval_every=100, checkpoint_every=200, log_every=20)
+      "pretrain", steps=600, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=50,
+      data=f"{bios}:0.6,arith_scratchpad:0.25,{stories}:0.15", eval_every=100, checkpoint_every=200, log_every=20,
+      evals=evals)
   c.cpt = config_lib.stage_config(
       "cpt", steps=200, batch_size=16, seq_len=128, learning_rate=1e-3, warmup_steps=20,
       data=bios.replace("bios(", "bios_new("), replay=0.25, init_from="pretrain", eval_every=100,
-      checkpoint_every=100, log_every=20)
-  c.data.tokenizer_sources = bios
+      checkpoint_every=100, log_every=20, evals=evals)
+  c.eval.update(dict(bios=bios, arith="arith_scratchpad", stories=stories, num_prompts=64))
   if "smoke" in opts:
     c.model.update(dict(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64))
     for name in c.stages:
       c[name].update(dict(steps=8, batch_size=4, seq_len=64, warmup_steps=2, eval_every=4, eval_steps=2,
                           checkpoint_every=4, log_every=2))
-    c.pretrain.data = c.data.tokenizer_sources = "bios(n=100,format=multi_permute,n_new=20)"
-    c.cpt.data = "bios_new(n=100,format=multi_permute,n_new=20)"
+    small = "bios(n=100,format=multi_permute,n_new=20)"
+    c.pretrain.data = f"{small}:0.6,arith_scratchpad:0.25,stories(bios_n=100):0.15"
+    c.cpt.data = small.replace("bios(", "bios_new(")
+    c.eval.update(dict(bios=small, stories="stories(bios_n=100)", num_prompts=4, samples=2, pass_k=(1, 2),
+                       max_new_tokens=6, story_tokens=8))
   return config_lib.finalize(c)

@@ -73,6 +73,23 @@ def reg_config() -> ml_collections.ConfigDict:
   return r
 
 
+def eval_config() -> ml_collections.ConfigDict:
+  """Settings shared by the evaluators that stages list in `<stage>.evals`."""
+  e = ml_collections.ConfigDict()
+  e.bios = ""  # The pretraining bios spec, e.g. 'bios(n=1000,format=multi_permute)': its facts are scored.
+  e.world = ""  # e.g. 'world'
+  e.arith = ""  # e.g. 'arith_scratchpad' or 'arith'
+  e.stories = ""  # e.g. 'stories(bios_n=1000)': the creative prompt set
+  e.num_prompts = 64
+  e.max_new_tokens = 16
+  e.story_tokens = 64
+  e.samples = 8  # k for maj@k and per-input diversity; pass@k uses these samples.
+  e.pass_k = (1, 4, 8)
+  e.temperature = 0.7
+  e.mc_dropout = 0.0  # > 0: inference-time dropout while sampling.
+  return e
+
+
 def stage_config(name: str, **overrides) -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.steps = 1000
@@ -100,6 +117,7 @@ def stage_config(name: str, **overrides) -> ml_collections.ConfigDict:
   s.checkpoint_every = 200
   s.keep_checkpoints = 3
   s.reg = reg_config()
+  s.evals = ()  # Evaluators run on the final parameters (see llmstages.evals): e.g. ('perplexity', 'capacity').
   for k, v in overrides.items():
     s[k] = v
   return s
@@ -118,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dir = ""  # '' -> $LLMSTAGES_DATA_DIR or ~/.cache/llmstages/data.
   c.data.tokenizer_sources = ""  # '' -> the union of every stage's `data`.
   c.stages = ("pretrain",)
+  c.eval = eval_config()
   c.progress = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log.
   return c
 

@@ -44,9 +44,14 @@ def run(config, workdir: str, mesh=None) -> list[dict]:
                        f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
   write_resolved_config(config, workdir)
   tokenizer = train.tokenizer_for(config)
+  from llmstages import evals
+  for name in config.stages:
+    for ev in config[name].evals:
+      evals.get(ev)  # An unknown evaluator fails before any training.
   results = []
   for name in config.stages:
     results.append(train.run_stage(config, name, workdir, tokenizer=tokenizer, mesh=mesh))
+    evals.evaluate_stage(config, name, workdir, tokenizer=tokenizer)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "pipeline.json"), "w") as f:
       json.dump({"stages": list(config.stages), "results": results}, f, indent=2)

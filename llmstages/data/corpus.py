@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -144,6 +145,9 @@ def builder_for(builder_cls: type[CorpusBuilder], kwargs: dict, data_dir: str) -
             with file_lock(os.path.join(data_dir, f".{builder.name}.{config.name}.lock")):
                 builder = builder_cls(config=config, data_dir=data_dir)  # Re-check after waiting on the lock.
                 if not builder.is_prepared():
+                    # TFDS's nested tqdm bars flood a log file; keep them for terminals only.
+                    if not sys.stderr.isatty():
+                        tfds.disable_progress_bar()
                     builder.download_and_prepare(file_format="array_record")
                     builder = builder_cls(config=config, data_dir=data_dir)
     return builder

@@ -1,0 +1,180 @@
+"""The evaluator registry, the context an evaluator gets, and writing eval.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmstages import losses
+from llmstages.evals import metrics as M
+
+_REGISTRY: dict[str, Callable[["EvalContext"], dict]] = {}
+
+
+def register(name: str):
+  def wrap(fn):
+    if name in _REGISTRY:
+      raise ValueError(f"evaluator {name!r} is registered twice")
+    _REGISTRY[name] = fn
+    return fn
+  return wrap
+
+
+def get(name: str):
+  from llmstages.evals import evaluators  # noqa: F401  (fills the registry)
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown evaluator {name!r}; known evaluators: {sorted(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+def names() -> list[str]:
+  from llmstages.evals import evaluators  # noqa: F401
+  return sorted(_REGISTRY)
+
+
+@dataclasses.dataclass
+class Metric:
+  """One number with how many items it averages and a 95% bootstrap interval over those items."""
+  value: float
+  n: int
+  ci95: tuple[float, float] | None = None
+
+  @classmethod
+  def mean_of(cls, values: Sequence[float], seed: int = 0) -> "Metric":
+    values = np.asarray(values, np.float64)
+    if len(values) == 0:
+      return cls(float("nan"), 0, None)
+    est, lo, hi = M.bootstrap_ci(values, seed=seed)
+    return cls(float(est), int(len(values)), (float(lo), float(hi)))
+
+  def to_json(self) -> dict:
+    out = {"value": self.value, "n": self.n}
+    if self.ci95 is not None:
+      out["ci95"] = list(self.ci95)
+    return out
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What an evaluator may use: the trained parameters, the tokenizer, a sampler, a log-prob function."""
+  config: Any
+  stage: str
+  params: Any
+  tokenizer: Any
+  train_ctx: Any  # train.StageContext of the stage (model, mesh, rules, abstract state).
+  workdir: str
+
+  @property
+  def ecfg(self):
+    return self.config.eval
+
+  @property
+  def data_dir(self) -> str:
+    from llmstages import train
+    return train.data_dir(self.config)
+
+  @property
+  def model_cfg(self):
+    return self.train_ctx.model_cfg
+
+  def sampler(self, mc_dropout: float = 0.0):
+    from llmstages.sampler import Sampler
+    return Sampler(self.model_cfg, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                   mesh=self.train_ctx.mesh, rules=self.train_ctx.rules,
+                   mc_dropout=mc_dropout or self.ecfg.mc_dropout)
+
+  def encode_prompt(self, text: str) -> list[int]:
+    return [self.tokenizer.bos_id] + self.tokenizer.encode(text)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ids = [i for i in ids if i not in (self.tokenizer.eos_id, self.tokenizer.pad_id)]
+    return self.tokenizer.decode(ids)
+
+  def sequence_logprobs(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                        batch_size: int = 128) -> np.ndarray:
+    """Summed log p(continuation | prefix) per pair, deterministic (no dropout), in nats."""
+    model = self.train_ctx.eval_model
+    fn = _logprob_fn(model)
+    total = len(prefixes)
+    out = np.zeros((total,), np.float64)
+    longest = max(len(p) + len(c) for p, c in zip(prefixes, continuations))
+    length = int(2 ** np.ceil(np.log2(max(longest, 8))))
+    if length > self.model_cfg.max_seq_len:
+      raise ValueError(f"a scored sequence of {longest} tokens exceeds config.model.max_seq_len="
+                       f"{self.model_cfg.max_seq_len}")
+    for lo in range(0, total, batch_size):
+      rows = list(range(lo, min(lo + batch_size, total)))
+      tokens = np.zeros((batch_size, length), np.int32)
+      mask = np.zeros((batch_size, length), np.float32)
+      for r, i in enumerate(rows):
+        seq = list(prefixes[i]) + list(continuations[i])
+        tokens[r, :len(seq)] = seq
+        mask[r, len(prefixes[i]) - 1:len(seq) - 1] = 1.0  # Targets are the continuation tokens.
+      with self.train_ctx.activate():
+        sums = np.asarray(fn(self.params, tokens, mask))
+      out[rows] = sums[:len(rows)]
+    return out
+
+
+_LOGPROB_FNS: dict = {}
+
+
+def _logprob_fn(model):
+  if model not in _LOGPROB_FNS:
+    def fn(params, tokens_BxL, mask_BxL):
+      logits = model.apply({"params": params}, tokens_BxL[:, :-1])
+      lp = losses.token_logprobs(logits, tokens_BxL[:, 1:])
+      return jnp.sum(lp * mask_BxL[:, :-1], axis=-1)
+    _LOGPROB_FNS[model] = jax.jit(fn)
+  return _LOGPROB_FNS[model]
+
+
+def eval_path(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "eval.json")
+
+
+def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool = False) -> dict | None:
+  """Runs `config.<stage>.evals` on the stage's final parameters; writes and returns eval.json's content."""
+  from llmstages import train
+  wanted = tuple(config[stage].evals)
+  if not wanted:
+    return None
+  fns = {name: get(name) for name in wanted}  # Unknown names fail before any work.
+  path = eval_path(workdir, stage)
+  if os.path.exists(path) and not force:
+    with open(path) as f:
+      done = json.load(f)
+    if set(done.get("evaluators", [])) == set(wanted):
+      return done
+  tokenizer = tokenizer if tokenizer is not None else train.tokenizer_for(config)
+  tctx = train.build_context(config, stage)
+  params = train.load_final_params(workdir, stage, tctx.abstract_state.params, needed_by=f"evals of {stage}")
+  ctx = EvalContext(config=config, stage=stage, params=params, tokenizer=tokenizer, train_ctx=tctx,
+                    workdir=workdir)
+  results: dict[str, dict] = {}
+  for name, fn in fns.items():
+    print(f"[{stage}] evaluating {name} ...", flush=True)
+    for key, metric in fn(ctx).items():
+      results[f"{name}/{key}"] = metric.to_json()
+  out = {"stage": stage, "step": int(config[stage].steps), "evaluators": list(wanted), "metrics": results}
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(out, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    from tensorboardX import SummaryWriter
+    with SummaryWriter(os.path.join(workdir, stage, "tensorboard")) as tb:
+      for key, m in results.items():
+        if np.isfinite(m["value"]):
+          tb.add_scalar(f"final/{key}", m["value"], out["step"])
+    headline = ("greedy", "/R", "perplexity", "validity", "distinct_2", "answer_rate", "maj@")
+    lines = [f"  {k} = {v['value']:.4g} (n={v['n']})" for k, v in results.items()
+             if any(h in k for h in headline) and "memorization/" not in k or k.endswith("mean_greedy")]
+    print(f"[{stage}] wrote {len(results)} metrics to {path}; headline:\n" + "\n".join(lines), flush=True)
+  return out
