@@ -19,8 +19,8 @@ def get_config(arg: str = ""):
   c.model.update(dict(vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384,
                       max_seq_len=256))
   c.stages = ("pretrain", "cpt")
-  bios = "bios(n=1000,format=multi_permute,n_new=200)"
-  stories = "stories(bios_n=1000)"
+  bios = "bios(n=300,format=multi_permute,n_new=100)"
+  stories = "stories(bios_n=300)"
   evals = ("perplexity", "bios_facts", "capacity", "arith", "diversity")
   c.pretrain = config_lib.stage_config(
       "pretrain", steps=600, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=50,
@@ -30,7 +30,8 @@ def get_config(arg: str = ""):
       "cpt", steps=200, batch_size=16, seq_len=128, learning_rate=1e-3, warmup_steps=20,
       data=bios.replace("bios(", "bios_new("), replay=0.25, init_from="pretrain", eval_every=100,
       checkpoint_every=100, log_every=20, evals=evals)
-  c.eval.update(dict(bios=bios, arith="arith_scratchpad", stories=stories, num_prompts=64))
+  c.eval.update(dict(bios=bios, arith="arith_scratchpad", stories=stories, num_prompts=32, samples=4,
+                     pass_k=(1, 4), story_tokens=96))
   if "smoke" in opts:
     c.model.update(dict(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64))
     for name in c.stages:

@@ -42,12 +42,12 @@ def run(config, workdir: str, mesh=None) -> list[dict]:
         not train.stage_finished(workdir, init_from):
       raise ValueError(f"config.{name}.init_from={init_from!r}: that stage neither runs before {name!r} in "
                        f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
-  write_resolved_config(config, workdir)
-  tokenizer = train.tokenizer_for(config)
   from llmstages import evals
   for name in config.stages:
     for ev in config[name].evals:
-      evals.get(ev)  # An unknown evaluator fails before any training.
+      evals.get(ev)  # An unknown evaluator fails before anything is written.
+  write_resolved_config(config, workdir)
+  tokenizer = train.tokenizer_for(config)
   results = []
   for name in config.stages:
     results.append(train.run_stage(config, name, workdir, tokenizer=tokenizer, mesh=mesh))
