@@ -186,6 +186,12 @@ class StageContext:
   def activate(self):
     return partitioning.activate(self.mesh, self.rules)
 
+  def data_shard(self) -> tuple[int, int]:
+    """(index, count) of this process's share of each batch: all of it when the mesh is process-local."""
+    if jax.process_count() > 1 and self.mesh.devices.size == jax.local_device_count():
+      return 0, 1
+    return jax.process_index(), jax.process_count()
+
   def dyn_at(self, step: int):
     return reg_lib.rates_at(self.scfg.reg, step, self.scfg.steps, self.model_cfg.num_layers)
 
@@ -364,9 +370,10 @@ def make_batches(ctx: StageContext, tokenizer, split: str = "train", mixture=Non
     mixture = stage_mixture(ctx.config, ctx.name)
     if split != "train" and scfg.eval_data:
       mixture = data.parse_mixture(scfg.eval_data)
+  index, count = ctx.data_shard()
   return data.make_iterator(mixture, tokenizer=tokenizer, batch_size=scfg.batch_size, seq_len=scfg.seq_len,
                             seed=ctx.config.seed, split=split, data_dir=data_dir(ctx.config),
-                            process_index=jax.process_index(), process_count=jax.process_count(),
+                            process_index=index, process_count=count,
                             pack=scfg.pack, cross_document_attention=scfg.cross_document_attention)
 
 

@@ -24,7 +24,7 @@ def data_dir(tmp_path_factory):
 
 def smoke(data_dir, **overrides):
   base = {"data.dir": data_dir, "stages": ("pretrain",), "pretrain.log_every": 1, "pretrain.eval_every": 0,
-          "pretrain.batch_size": 8, "pretrain.steps": 10}
+          "pretrain.batch_size": 8, "pretrain.steps": 10, "pretrain.evals": ()}
   return load_config("quickstart.py", "smoke", **{**base, **overrides})
 
 
@@ -120,7 +120,7 @@ def _wait_for_checkpoint(proc, ckdir, timeout=120):
 
 
 LONG = ("--config.pretrain.steps=120", "--config.pretrain.checkpoint_every=10", "--config.pretrain.eval_every=0",
-        "--config.pretrain.reg.dropout=0.1", "--config.pretrain.reg.drop_path=0.1")
+        "--config.pretrain.reg.dropout=0.1", "--config.pretrain.reg.drop_path=0.1", "--config.pretrain.evals=()")
 
 
 def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
@@ -224,7 +224,9 @@ def _free_port():
 
 
 def test_two_processes_equal_one_device(data_dir, tmp_path):
-  """jax.distributed on 127.0.0.1: 2 processes x 2 CPU devices, mesh data=2 fsdp=2, vs one device."""
+  """jax.distributed on 127.0.0.1: 2 processes x 2 CPU devices, mesh data=2 fsdp=2, vs one device.
+
+  Both runs also evaluate (the quickstart smoke evaluators), so multi-host evaluation is exercised and compared."""
   steps = ("--config.pretrain.steps=12", "--config.pretrain.log_every=1", "--config.pretrain.batch_size=8",
            "--config.pretrain.eval_every=0", "--config.pretrain.checkpoint_every=6", f"--config.data.dir={data_dir}")
   one = _run_cli(tmp_path / "one", *steps)
@@ -244,5 +246,9 @@ def test_two_processes_equal_one_device(data_dir, tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, 13))
   for s in a:
     assert abs(a[s] - b[s]) / abs(a[s]) < 1e-4, (s, a[s], b[s])
+  with open(tmp_path / "one" / "pretrain" / "eval.json") as f1, open(tmp_path / "two" / "pretrain" / "eval.json") as f2:
+    e1, e2 = json.load(f1)["metrics"], json.load(f2)["metrics"]
+  assert e1.keys() == e2.keys()
+  np.testing.assert_allclose(e1["perplexity/loss"]["value"], e2["perplexity/loss"]["value"], rtol=1e-4)
   pa, pb = final_params(tmp_path / "one"), final_params(tmp_path / "two")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), pa, pb)

@@ -155,6 +155,15 @@ def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool
   tokenizer = tokenizer if tokenizer is not None else train.tokenizer_for(config)
   tctx = train.build_context(config, stage)
   params = train.load_final_params(workdir, stage, tctx.abstract_state.params, needed_by=f"evals of {stage}")
+  if jax.process_count() > 1:
+    # Every host evaluates a full copy on its own devices (identical results; process 0 writes them): sampling
+    # and host-side scoring need whole arrays, which a mesh spanning hosts cannot hand to one process.
+    from jax.experimental import multihost_utils
+    from llmstages import partitioning
+    host_params = multihost_utils.process_allgather(params, tiled=True)
+    local = partitioning.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
+    tctx = train.build_context(config, stage, mesh=local)
+    params = jax.device_put(host_params, tctx.state_sharding.params)
   ctx = EvalContext(config=config, stage=stage, params=params, tokenizer=tokenizer, train_ctx=tctx,
                     workdir=workdir)
   results: dict[str, dict] = {}
