@@ -254,33 +254,30 @@ class Attention(nn.Module):
 
   def _cached(self, q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, rate, rng):
     """Attention over a head-major KV cache: batch dims (b, k) lead, so no operand is transposed."""
-    b, l, n, h = q_BxLxNxH.shape
-    kv = k_BxKxSxH.shape[1]
-    q_BxKxGxLxH = jnp.moveaxis(q_BxLxNxH.reshape(b, l, kv, n // kv, h), 1, 3)
-    logits_BxKxGxLxS = jnp.einsum("bkglh,bksh->bkgls", q_BxKxGxLxH, k_BxKxSxH,
-                                  preferred_element_type=jnp.float32) / np.sqrt(h).astype(np.float32)
-    big_neg = jnp.finfo(jnp.float32).min * 0.7
-    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, big_neg)
-    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
-    if rng is not None:
-      probs = dropout(probs, rate, rng)
-    out = jnp.einsum("bkgls,bksh->blkgh", probs.astype(v_BxKxSxH.dtype), v_BxKxSxH)
-    return out.reshape(b, l, n, h)
+    return explicit_attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, rate, rng, kv_layout="bksh")
 
   def _manual(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, rate, rng):
     """Explicit softmax attention: the path that can drop attention probabilities."""
-    b, l, n, h = q_BxLxNxH.shape
-    kv = k_BxSxKxH.shape[2]
-    q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, kv, n // kv, h)
-    logits_BxKxGxLxS = jnp.einsum("blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH,
-                                  preferred_element_type=jnp.float32) / np.sqrt(h).astype(np.float32)
-    big_neg = jnp.finfo(jnp.float32).min * 0.7
-    logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, big_neg)
-    probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
-    if rng is not None:
-      probs = dropout(probs, rate, rng)
-    out = jnp.einsum("bkgls,bskh->blkgh", probs.astype(v_BxSxKxH.dtype), v_BxSxKxH)
-    return out.reshape(b, l, n, h)
+    return explicit_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, rate, rng, kv_layout="bskh")
+
+
+def explicit_attention(q_BxLxNxH, k, v, mask_BxLxS, rate, rng, kv_layout: str):
+  """Softmax attention written out (so probabilities can be dropped), GQA by grouping query heads.
+
+  `kv_layout` names k/v's axes: 'bskh' (sequence-major, training) or 'bksh' (head-major, the KV cache).
+  """
+  b, l, n, h = q_BxLxNxH.shape
+  kv = k.shape[kv_layout.index("k")]
+  q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, kv, n // kv, h)
+  logits_BxKxGxLxS = jnp.einsum(f"blkgh,{kv_layout}->bkgls", q_BxLxKxGxH, k,
+                                preferred_element_type=jnp.float32) / np.sqrt(h).astype(np.float32)
+  big_neg = jnp.finfo(jnp.float32).min * 0.7
+  logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, big_neg)
+  probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+  if rng is not None:
+    probs = dropout(probs, rate, rng)
+  out = jnp.einsum(f"bkgls,{kv_layout}->blkgh", probs.astype(v.dtype), v)
+  return out.reshape(b, l, n, h)
 
 
 class Mlp(nn.Module):
