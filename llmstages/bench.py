@@ -76,7 +76,7 @@ class JaxTrainer:
     with self.ctx.activate():
       t = time.perf_counter()
       self.step = self.ctx.jit_train_step().lower(self.ctx.abstract_state, self.ctx.abstract_batch(),
-                                                  jax.tree.map(lambda x: x, self.dyn)).compile()
+                                                  self.dyn).compile()
       self.compile_s = time.perf_counter() - t
     self.state = self.ctx.init_state()
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
 
 class CheckpointError(RuntimeError):
@@ -59,10 +58,9 @@ class Checkpointer:
         return step, state, meta
       except Exception as e:  # Orbax raises many types for unreadable files; all mean 'this one is unusable'.
         where = self._quarantine(step)
-        logging.warning("checkpoint %s/%d is unreadable (%s: %s); moved to %s, trying the previous one",
-                        self.directory, step, type(e).__name__, str(e).splitlines()[0][:300], where)
-        print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable "
-              f"({type(e).__name__}); moved it to {where} and fell back to the previous checkpoint", flush=True)
+        detail = str(e).splitlines()[0][:300] if str(e) else ""
+        print(f"WARNING: checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: "
+              f"{detail}); moved it to {where} and fell back to the previous checkpoint", flush=True)
     return None
 
   def _quarantine(self, step: int) -> str:

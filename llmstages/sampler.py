@@ -100,9 +100,9 @@ def _generate(params, prompt_BxP, kv_start_B, rng, temperature, top_k, top_p, mc
                                       "drop_path": jnp.zeros_like(rates["drop_path"])}
 
   def apply(tokens_BxL, positions_BxL, cache, index, key):
-    (logits_BxLxV), cache = model.apply({"params": params}, tokens_BxL, positions_BxL, cache=cache,
-                                        cache_index=index, kv_start_B=kv_start_B, rates=rates,
-                                        deterministic=not mc, rngs={"dropout": key} if mc else None)
+    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, cache=cache,
+                                      cache_index=index, kv_start_B=kv_start_B, rates=rates,
+                                      deterministic=not mc, rngs={"dropout": key} if mc else None)
     return logits_BxLxV[:, -1], cache
 
   positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - kv_start_B[:, None], 0)

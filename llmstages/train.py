@@ -170,7 +170,7 @@ class StageContext:
 
     def init(rng, params):
       if params is None:
-        params = _init_params(self.model, self.model_cfg, rng)
+        params = _init_params(self.model, rng)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
     key = "fresh" if params is None else "given"
@@ -220,7 +220,7 @@ class StageContext:
     return {k: jax.ShapeDtypeStruct(shape, t, sharding=sh) for k, t in types.items()}
 
 
-def _init_params(model, mc: ModelConfig, rng):
+def _init_params(model, rng):
   tokens = jnp.zeros((1, 8), jnp.int32)
   return nn.unbox(model.init({"params": rng}, tokens))["params"]
 

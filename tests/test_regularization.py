@@ -18,7 +18,7 @@ def _losses(reg, seed=0):
   """(train loss, eval loss) of one batch under `reg`, from the same parameters."""
   cfg = tiny_config(reg=reg)
   ctx = train.build_context(cfg, "pretrain", mesh=one_device_mesh())
-  params = train._init_params(ctx.eval_model, ctx.model_cfg, jax.random.key(seed))
+  params = train._init_params(ctx.eval_model, jax.random.key(seed))
   batch = jax.tree.map(jnp.asarray, packed_batch(vocab=64))
   dyn = jax.tree.map(jnp.asarray, ctx.dyn_at(0))
   with ctx.activate():
