@@ -206,6 +206,11 @@ class StageContext:
     return jax.jit(step, in_shardings=(self.state_sharding, batch_sh, rep), out_shardings=(self.state_sharding, rep),
                    donate_argnums=(0,))
 
+  def compile_train_step(self):
+    """The train step compiled ahead of the loop for this stage's shapes (a bad config fails here, not at step 1)."""
+    with self.activate():
+      return self.jit_train_step().lower(self.abstract_state, self.abstract_batch(), _abstract_dyn(self)).compile()
+
   def jit_eval_step(self):
     return jax.jit(make_eval_step(self.stage, self.eval_model),
                    in_shardings=(self.state_sharding.params, partitioning.batch_sharding(self.mesh)),
@@ -447,8 +452,7 @@ def evaluate(ctx: StageContext, eval_fn, params, tokenizer) -> dict[str, float]:
     sums.append(jax.device_get(eval_fn(params, partitioning.global_batch(local, ctx.mesh))))
   if not sums:
     raise TrainingError(f"stage {ctx.name}: the validation split gave no batches")
-  out = _summarize(sums, "eval")
-  return out
+  return _summarize(sums, "eval")
 
 
 def run_stage(config, name: str, workdir: str, tokenizer=None, mesh=None) -> dict[str, Any]:
@@ -485,11 +489,9 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
     state = ctx.init_state()
     start = 0
 
-  step_fn = ctx.jit_train_step()
   eval_fn = ctx.jit_eval_step()
   t0 = time.time()
-  with ctx.activate():
-    compiled = step_fn.lower(ctx.abstract_state, ctx.abstract_batch(), _abstract_dyn(ctx)).compile()
+  compiled = ctx.compile_train_step()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ctx.abstract_state.params))
   print(f"[{name}] compiled the train step in {time.time() - t0:.1f}s; {n_params:,} parameters; mesh "
         f"{dict(ctx.mesh.shape)}; {_memory_report(compiled)}", flush=True)

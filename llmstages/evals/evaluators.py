@@ -176,7 +176,7 @@ def capacity(ctx: EvalContext) -> dict:
     per_template = []
     for template in templates:
       prefixes = [bos + tok.encode(_template_prompt(template, p)) for p in people]
-      values = [tok.encode(" " + p[attr])[0:] for p in people]
+      values = [tok.encode(" " + p[attr]) for p in people]
       per_template.append(-ctx.sequence_logprobs(prefixes, values))
     p2 += np.mean(per_template, axis=0)
   pronoun_template = next(t for t in info["templates"]["birth_city"] if "{p}" in t)
