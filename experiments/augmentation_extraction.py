@@ -1,0 +1,74 @@
+r"""Knowledge augmentation and extraction: biographies in one fixed form vs rewritten and reordered at every exposure.
+
+  python -m llmstages.sweep --experiment=augmentation_extraction --workdir=/tmp/sweeps/augmentation_extraction
+  python -m llmstages.compare /tmp/sweeps/augmentation_extraction --out=experiments/results/augmentation_extraction.md
+
+After Physics of LMs 3.1: pretrain on biographies (`simple`: one fixed biography per person; `multi_permute`: a
+fresh template per attribute and a shuffled sentence order at every exposure), mixed with arithmetic and stories
+as in configs/quickstart.py; then fine-tune (the 'cpt' stage, no replay) on QA pairs about the QA-train half of the
+people. Extraction is QA accuracy on the other half, the QA-test people, whose facts were only ever seen in
+biographies (`bios_facts/qa_test/greedy`). Both settings share one tokenizer (trained on both formats). 2 settings
+x 3 seeds = 6 runs, about 6 minutes each on the 2-core CPU (not run yet). Paper, at GPT-2 scale: 9.7% (simple) vs
+96.6% (multi5+permute); a 0.9M-parameter model at ~35 exposures per person may extract nothing in either setting.
+
+`:smoke` runs both formats x 2 seeds of the quickstart smoke model in seconds each.
+"""
+
+from llmstages import experiments as X
+
+FORMATS = ("simple", "multi_permute")
+
+METRICS = (
+    "bios_facts/qa_test/greedy",
+    "bios_facts/qa_train/greedy",
+    "bios_facts/memorization/mean_greedy",
+    "diversity/per_input/ead",
+    "perplexity/loss",
+)
+PARETO = ("diversity/per_input/ead", "bios_facts/qa_test/greedy")
+BASELINE = "simple"
+
+
+def _opts(arg: str) -> set[str]:
+  opts = set(filter(None, arg.split(",")))
+  if opts - {"smoke"}:
+    raise ValueError(f"experiments/augmentation_extraction.py: unknown arg(s) {sorted(opts - {'smoke'})}; "
+                     "known: smoke")
+  return opts
+
+
+def _people(smoke: bool) -> str:
+  return "n=100,n_new=20" if smoke else "n=300,n_new=100"
+
+
+def format_overrides(fmt: str, smoke: bool) -> dict:
+  """Every config key that names the biography corpus, in format `fmt`."""
+  people = _people(smoke)
+  bios = f"bios({people},format={fmt})"
+  stories = f"stories(bios_n={100 if smoke else 300})"
+  return {
+      "pretrain.data": f"{bios}:0.6,arith_scratchpad:0.25,{stories}:0.15",
+      "cpt.data": f"bios_qa({people},format={fmt})",
+      "eval.bios": bios,
+  }
+
+
+def get_config(arg: str = ""):
+  smoke = "smoke" in _opts(arg)
+  c = X.config_file("quickstart.py", "smoke" if smoke else "")
+  for key, value in format_overrides(FORMATS[0], smoke).items():
+    X.set_key(c, key, value)
+  c.cpt.replay = 0.0
+  people = _people(smoke)
+  c.data.tokenizer_sources = ",".join([f"bios({people},format={f})" for f in FORMATS] +
+                                      [f"bios_qa({people},format={FORMATS[0]})", "arith_scratchpad",
+                                       f"stories(bios_n={100 if smoke else 300})"])
+  for stage in ("pretrain", "cpt"):
+    c[stage].evals = ("perplexity", "bios_facts", "diversity")
+  return c
+
+
+def get_sweep(arg: str = ""):
+  smoke = "smoke" in _opts(arg)
+  settings = [X.setting(fmt, format_overrides(fmt, smoke)) for fmt in FORMATS]
+  return X.product(settings, X.seeds(2 if smoke else 3))
