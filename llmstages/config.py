@@ -80,6 +80,8 @@ def eval_config() -> ml_collections.ConfigDict:
   e.world = ""  # e.g. 'world'
   e.arith = ""  # e.g. 'arith_scratchpad' or 'arith'
   e.stories = ""  # e.g. 'stories(bios_n=1000)': the creative prompt set
+  e.perplexity_data = ""  # Mixture scored by `perplexity` after every stage; '' = each stage's own eval mixture.
+  e.perplexity_batches = 8  # Validation batches (of the stage's batch_size x seq_len) that `perplexity` scores.
   e.num_prompts = 64
   e.max_new_tokens = 16
   e.story_tokens = 64
@@ -90,8 +92,44 @@ def eval_config() -> ml_collections.ConfigDict:
   return e
 
 
+def dpo_config() -> ml_collections.ConfigDict:
+  """Direct preference optimization (RESEARCH.md): sigmoid DPO with label smoothing (cDPO), or IPO."""
+  d = ml_collections.ConfigDict()
+  d.beta = 0.1
+  d.label_smoothing = 0.0  # cDPO's eps: the assumed share of flipped preference labels.
+  d.loss = "sigmoid"  # sigmoid | ipo
+  d.reference = ""  # Stage whose final parameters are the frozen reference; '' = init_from.
+  return d
+
+
+def rl_config(kind: str) -> ml_collections.ConfigDict:
+  """On-policy RL from rollouts of the KV-cache sampler: GRPO (verifiable rewards) or PPO (reward model)."""
+  r = ml_collections.ConfigDict()
+  r.num_generations = 4  # Samples per prompt (GRPO's group size G); batch_size counts sequences.
+  r.max_new_tokens = 32
+  r.temperature = 1.0
+  r.top_p = 1.0
+  r.kl_coef = 0.04 if kind == "grpo" else 0.05  # GRPO: k3 in the loss; PPO: k1 per token in the reward.
+  r.clip_eps = 0.2
+  r.kinds = ()  # Prompt kinds kept (e.g. ('arith',)); () keeps all.
+  r.reference = ""  # Frozen reference stage; '' = init_from.
+  # GRPO: reward functions (llmstages.rewards); a sample's reward is the sum of those that apply to its prompt.
+  r.rewards = ("arith", "facts", "story")
+  r.std_eps = 1e-4
+  # PPO: the reward model's stage, GAE and the value loss.
+  r.reward_from = "reward"
+  r.gamma = 1.0
+  r.lam = 0.95
+  r.vf_coef = 0.5
+  r.value_clip = 0.2
+  r.whiten_advantages = True
+  return r
+
+
 def stage_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """A stage block. `kind` (default: the name) picks the stage type, so a pipeline may run one type twice."""
   s = ml_collections.ConfigDict()
+  s.kind = overrides.pop("kind", name)
   s.steps = 1000
   s.batch_size = 16  # Global batch (sequences).
   s.seq_len = 256
@@ -118,6 +156,10 @@ def stage_config(name: str, **overrides) -> ml_collections.ConfigDict:
   s.keep_checkpoints = 3
   s.reg = reg_config()
   s.evals = ()  # Evaluators run on the final parameters (see llmstages.evals): e.g. ('perplexity', 'capacity').
+  if s.kind == "dpo":
+    s.dpo = dpo_config()
+  if s.kind in ("grpo", "ppo"):
+    s.rl = rl_config(s.kind)
   for k, v in overrides.items():
     s[k] = v
   return s

@@ -49,7 +49,7 @@ def generate(workdir: str, stage: str, prompts: list[str], **kw) -> list[dict]:
   if stage not in config.stages:
     raise ValueError(f"--stage={stage!r} is not one of this workdir's stages {list(config.stages)}")
   tctx = train.build_context(config, stage)
-  params = train.load_final_params(workdir, stage, tctx.abstract_state.params, needed_by=f"generate --stage")
+  params = train.load_final_params(workdir, stage, tctx.abstract_lm_params(), needed_by=f"generate --stage={stage}")
   tok = train.tokenizer_for(config)
   sampler = Sampler(tctx.model_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=tctx.mesh, rules=tctx.rules,
                     mc_dropout=kw.pop("mc_dropout", 0.0))

@@ -16,6 +16,11 @@ def token_logprobs(logits_BxLxV: Array, targets_BxL: Array) -> Array:
   return target_logit_BxL - logz_BxL
 
 
+def masked_sum(values_BxL: Array, mask_BxL: Array) -> Array:
+  """Per-row sum of `values` where `mask` is set, [B] float32."""
+  return jnp.sum(values_BxL.astype(jnp.float32) * mask_BxL.astype(jnp.float32), axis=-1)
+
+
 def next_token_loss(logits_BxLxV: Array, targets_BxL: Array, mask_BxL: Array, label_smoothing=0.0, z_loss=0.0):
   """Cross-entropy with optional label smoothing and z-loss, summed over masked tokens.
 

@@ -49,7 +49,7 @@ class MetricsWriter:
       self._tb.close()
 
 
-_CONSOLE_KEYS = ("loss", "accuracy", "grad_norm", "lr", "tokens_per_sec")
+_CONSOLE_KEYS = ("loss", "accuracy", "grad_norm", "lr", "tokens_per_sec", "reward", "margin", "kl")
 
 
 class Progress:

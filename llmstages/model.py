@@ -143,6 +143,18 @@ class Einsum(nn.Module):
                       preferred_element_type=self.out_dtype)
 
 
+class ScoreHead(nn.Module):
+  """hidden -> one float32 score per position: a zero-initialized linear map plus bias (scores start at 0)."""
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    kernel_D = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                          (x_BxLxD.shape[-1],), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), jnp.float32)
+    return jnp.einsum("bld,d->bl", x_BxLxD.astype(jnp.float32), kernel_D) + bias
+
+
 class RMSNorm(nn.Module):
   eps: float
   dtype: Any
@@ -343,10 +355,18 @@ class ScannedBlock(nn.Module):
     return out if cache is not None else (out, None)
 
 
+HEAD_PARAMS = ("score_head",)  # Parameters of the optional scalar head (not part of the language model).
+
+
 class Decoder(nn.Module):
-  """tokens -> logits (float32). `rates` as in `zero_rates`; `deterministic=True` switches every regularizer off."""
+  """tokens -> logits (float32). `rates` as in `zero_rates`; `deterministic=True` switches every regularizer off.
+
+  `score_head=True` adds a scalar head on the final hidden state (reward model, PPO value head): the call then
+  returns (logits, scores_BxL), float32. Its parameters live under `score_head`, apart from the language model's.
+  """
   cfg: ModelConfig
   sites: RegSites = RegSites()
+  score_head: bool = False
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, rates=None, deterministic=True,
@@ -408,6 +428,8 @@ class Decoder(nn.Module):
                             cfg.compute_dtype, jnp.float32, name="lm_head")(hidden_BxLxD)
     logits_BxLxV = _constrain(logits_BxLxV, ("activation_batch", "activation_length", "activation_vocab"))
     out = (logits_BxLxV, hidden_BxLxD) if return_hidden else logits_BxLxV
+    if self.score_head:
+      out = (logits_BxLxV, ScoreHead(cfg.compute_dtype, name="score_head")(hidden_BxLxD))
     return out if cache is None else (out, cache)
 
   def _neftune(self, x_BxLxD, segment_ids_BxL, alpha):

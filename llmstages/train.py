@@ -32,7 +32,7 @@ from llmstages import partitioning
 from llmstages import regularization as reg_lib
 from llmstages import stages as stages_lib
 from llmstages.metrics import MetricsWriter, Progress
-from llmstages.model import Decoder, ModelConfig, RegSites
+from llmstages.model import HEAD_PARAMS, Decoder, ModelConfig, RegSites
 
 STAGE_KEYS_REQUIRED = ("steps", "batch_size", "seq_len", "learning_rate", "data", "init_from", "eval_every",
                        "checkpoint_every", "reg")
@@ -152,8 +152,9 @@ class StageContext:
   config: Any
   scfg: Any
   model_cfg: ModelConfig
-  model: Decoder
-  eval_model: Decoder
+  model: Decoder  # With this stage's regularization sites (and scalar head, if the stage has one).
+  eval_model: Decoder  # The same without regularization: eval loss, log-prob passes.
+  lm_model: Decoder  # The bare language model, no head, no regularization: sampling, reference models.
   stage: stages_lib.Stage
   mesh: jax.sharding.Mesh
   rules: tuple
@@ -162,6 +163,10 @@ class StageContext:
   state_sharding: Any
   abstract_state: Any
   seed_key: jax.Array
+  abstract_head: Any  # Abstract (sharded) parameters of a scalar head, for loading frozen reward models.
+  tokenizer: Any = None  # Set by `run_stage`; stages that decode or score text need it.
+  frozen: dict = dataclasses.field(default_factory=dict)  # role -> frozen parameters (see Stage.frozen_models).
+  cache: dict = dataclasses.field(default_factory=dict, repr=False)  # Stage-owned jitted functions.
   _init_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def init_state(self, rng: jax.Array | None = None, params=None) -> TrainState:
@@ -169,17 +174,18 @@ class StageContext:
     rng = self.seed_key if rng is None else rng
 
     def init(rng, params):
-      if params is None:
-        params = _init_params(self.model, rng)
+      if params is None or set(params) != set(self.abstract_state.params):
+        # Missing entries (a new scalar head on a language model) start fresh.
+        params = {**_init_params(self.model, rng), **(params or {})}
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
-    key = "fresh" if params is None else "given"
+    key = "fresh" if params is None else ("given",) + tuple(sorted(params))
     if key not in self._init_fns:
       if params is None:
         self._init_fns[key] = jax.jit(lambda r, _: init(r, None), out_shardings=self.state_sharding)
       else:
-        self._init_fns[key] = jax.jit(init, in_shardings=(None, self.state_sharding.params),
-                                      out_shardings=self.state_sharding)
+        given = {k: self.state_sharding.params[k] for k in params}
+        self._init_fns[key] = jax.jit(init, in_shardings=(None, given), out_shardings=self.state_sharding)
     with self.activate():
       return self._init_fns[key](rng, params)
 
@@ -216,13 +222,31 @@ class StageContext:
                    in_shardings=(self.state_sharding.params, partitioning.batch_sharding(self.mesh)),
                    out_shardings=partitioning.replicated(self.mesh))
 
-  def abstract_batch(self, local: bool = False):
-    b = self.scfg.batch_size // (jax.process_count() if local else 1)
+  def abstract_batch(self):
+    return self.stage.abstract_batch(self)
+
+  def token_batch_shapes(self, rows: int | None = None, local: bool = False):
+    """The five token arrays of a [rows, seq_len] batch (default: the stage's global batch)."""
+    b = (rows or self.scfg.batch_size) // (jax.process_count() if local else 1)
     shape = (b, self.scfg.seq_len)
     sh = partitioning.batch_sharding(self.mesh)
     types = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32,
              "positions": jnp.int32}
     return {k: jax.ShapeDtypeStruct(shape, t, sharding=sh) for k, t in types.items()}
+
+  def abstract_lm_params(self, with_head: bool = False):
+    """Abstract parameters of the language model (plus a scalar head), on this stage's shardings."""
+    lm = {k: v for k, v in self.abstract_state.params.items() if k not in HEAD_PARAMS}
+    return {**lm, **self.abstract_head} if with_head else lm
+
+  def load_frozen(self, workdir: str) -> dict:
+    """Loads the frozen models of `Stage.frozen_models` (once per stage run)."""
+    self.frozen = {}
+    for role, (source, with_head) in self.stage.frozen_models(self.scfg).items():
+      self.frozen[role] = load_final_params(workdir, source, self.abstract_lm_params(with_head),
+                                            needed_by=f"stage {self.name}'s {role} model (stage {source!r})",
+                                            with_head=with_head)
+    return self.frozen
 
 
 def _init_params(model, rng):
@@ -262,12 +286,13 @@ def build_context(config, name: str, mesh=None) -> StageContext:
   validate_stage_config(config, name)
   scfg = config[name]
   mc = ModelConfig.from_config(config.model)
-  stage = stages_lib.get(name)
+  stage = stages_lib.get(scfg.get("kind") or name, scfg, f"config.{name}")
   mesh = mesh if mesh is not None else partitioning.make_mesh(config.mesh)
   rules = partitioning.rules_from_config(config.mesh.rules)
   partitioning.check_batch_divisible(scfg.batch_size // scfg.grad_accum, mesh, f"config.{name}.batch_size")
-  model = Decoder(mc, reg_lib.sites(scfg.reg))
-  eval_model = Decoder(mc, RegSites())
+  model = Decoder(mc, reg_lib.sites(scfg.reg), score_head=stage.score_head)
+  eval_model = Decoder(mc, RegSites(), score_head=stage.score_head)
+  lm_model = Decoder(mc, RegSites())
   tx = make_optimizer(scfg)
   lr_fn = make_lr_schedule(scfg)
   seed_key = stage_seed_key(config.seed, name)
@@ -279,12 +304,17 @@ def build_context(config, name: str, mesh=None) -> StageContext:
   with partitioning.activate(mesh, rules):
     boxed = jax.eval_shape(abstract_init, seed_key)
     state_sharding = partitioning.logical_to_sharding(boxed, mesh, rules)
-  unboxed = nn.unbox(boxed)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), unboxed,
-                                state_sharding)
+    head_model = Decoder(mc, RegSites(), score_head=True)
+    boxed_head = jax.eval_shape(lambda r: {k: v for k, v in head_model.init(
+        {"params": r}, jnp.zeros((1, 8), jnp.int32))["params"].items() if k in HEAD_PARAMS}, seed_key)
+    head_sharding = partitioning.logical_to_sharding(boxed_head, mesh, rules)
+  shaped = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  abstract_state = jax.tree.map(shaped, nn.unbox(boxed), state_sharding)
+  abstract_head = jax.tree.map(shaped, nn.unbox(boxed_head), head_sharding)
   return StageContext(name=name, config=config, scfg=scfg, model_cfg=mc, model=model, eval_model=eval_model,
-                      stage=stage, mesh=mesh, rules=rules, tx=tx, lr_fn=lr_fn, state_sharding=state_sharding,
-                      abstract_state=abstract_state, seed_key=seed_key)
+                      lm_model=lm_model, stage=stage, mesh=mesh, rules=rules, tx=tx, lr_fn=lr_fn,
+                      state_sharding=state_sharding, abstract_state=abstract_state, seed_key=seed_key,
+                      abstract_head=abstract_head)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -292,6 +322,10 @@ def build_context(config, name: str, mesh=None) -> StageContext:
 
 def final_params_dir(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, "final_params")
+
+
+def final_head_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "final_head")
 
 
 def final_marker(workdir: str, stage: str) -> str:
@@ -303,20 +337,34 @@ def stage_finished(workdir: str, stage: str) -> bool:
 
 
 def save_final_params(workdir: str, stage: str, params, step: int) -> None:
+  """Saves the language model to `final_params` and a scalar head, if any, apart in `final_head`, so every later
+  stage and evaluator loads a plain language model."""
   import orbax.checkpoint as ocp
   path = final_params_dir(workdir, stage)
+  lm = {k: v for k, v in params.items() if k not in HEAD_PARAMS}
+  head = {k: v for k, v in params.items() if k in HEAD_PARAMS}
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), params, force=True)
+    ckptr.save(os.path.abspath(path), lm, force=True)
+    if head:
+      ckptr.save(os.path.abspath(final_head_dir(workdir, stage)), head, force=True)
     ckptr.wait_until_finished()
   if jax.process_index() == 0:
     with open(final_marker(workdir, stage), "w") as f:
       json.dump({"stage": stage, "step": int(step), "params": os.path.abspath(path)}, f)
 
 
-def load_final_params(workdir: str, stage: str, abstract_params, needed_by: str = ""):
-  """The final parameters of `stage` in `workdir`, restored onto the shardings of `abstract_params`."""
+def load_final_params(workdir: str, stage: str, abstract_params, needed_by: str = "", with_head: bool = False):
+  """The final parameters of `stage` in `workdir`, restored onto the shardings of `abstract_params`.
+
+  Head entries (model.HEAD_PARAMS) of `abstract_params` are restored from the stage's scalar head when
+  `with_head`, and otherwise left out."""
   import orbax.checkpoint as ocp
-  who = f"config.{needed_by}.init_from={stage!r}: " if needed_by else ""
+  who = f"{needed_by}: " if needed_by else ""
+  lm_abstract = {k: v for k, v in abstract_params.items() if k not in HEAD_PARAMS}
+  head_abstract = {k: v for k, v in abstract_params.items() if k in HEAD_PARAMS}
+  if with_head and not os.path.isdir(final_head_dir(workdir, stage)) and stage_finished(workdir, stage):
+    raise FileNotFoundError(f"{who}stage {stage!r} in {workdir} has no scalar head ({final_head_dir(workdir, stage)}"
+                            f" is missing): it must be a stage with a head, such as a reward model")
   if not stage_finished(workdir, stage):
     ckdir = os.path.join(workdir, stage, "checkpoints")
     hint = (f"stage {stage!r} has checkpoints in {ckdir} but did not finish; rerun it first"
@@ -325,7 +373,10 @@ def load_final_params(workdir: str, stage: str, abstract_params, needed_by: str 
                             f"(expected {final_marker(workdir, stage)}); {hint}")
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(os.path.abspath(final_params_dir(workdir, stage)), abstract_params)
+      params = dict(ckptr.restore(os.path.abspath(final_params_dir(workdir, stage)), lm_abstract))
+      if with_head:
+        params.update(ckptr.restore(os.path.abspath(final_head_dir(workdir, stage)), head_abstract))
+      return params
   except Exception as e:
     raise ckpt_lib.CheckpointError(f"{who}cannot restore the final parameters of stage {stage!r} from "
                                    f"{final_params_dir(workdir, stage)}: {type(e).__name__}: {e}") from e
@@ -410,21 +461,24 @@ class _StopRequested:
       signal.signal(sig, old)
 
 
-def _summarize(sums: list[dict[str, np.ndarray]], prefix: str) -> dict[str, float]:
+def summarize(sums: list[dict[str, np.ndarray]], prefix: str, host: list[dict[str, float]] = ()) -> dict[str, float]:
+  """Means of a window of steps: metric sums over summed counts (see `Stage`); `host` metrics (already means,
+  one dict per step, e.g. rollout rewards) are averaged over steps."""
   total = {k: float(sum(np.asarray(m[k], np.float64) for m in sums)) for k in sums[0]}
   count = max(total.pop("count"), 1.0)
   out = {f"{prefix}/loss": total.pop("loss_sum") / count}
   if "nll" in total:
-    out[f"{prefix}/nll"] = total["nll"] / count
     out[f"{prefix}/perplexity"] = math.exp(min(total["nll"] / count, 50.0))
-  if "correct" in total:
-    out[f"{prefix}/accuracy"] = total["correct"] / count
-  if "logz_sq" in total:
-    out[f"{prefix}/logz_sq"] = total["logz_sq"] / count
   for k in ("grad_norm", "lr"):
     if k in total:
-      out[f"{prefix}/{k}"] = total[k] / len(sums)
-  out[f"{prefix}/tokens"] = count
+      out[f"{prefix}/{k}"] = total.pop(k) / len(sums)
+  for k, v in total.items():
+    out[f"{prefix}/{'accuracy' if k == 'correct' else k}"] = v / count
+  out[f"{prefix}/tokens" if "nll" in total else f"{prefix}/count"] = count
+  for k in sorted({k for h in host for k in h}):
+    values = [h[k] for h in host if k in h and math.isfinite(h[k])]
+    if values:
+      out[f"{prefix}/{k}"] = float(np.mean(values))
   return out
 
 
@@ -442,17 +496,36 @@ def _memory_report(compiled) -> str:
 
 
 def evaluate(ctx: StageContext, eval_fn, params, tokenizer) -> dict[str, float]:
-  it = make_batches(ctx, tokenizer, split="validation")
-  sums = []
-  for _ in range(ctx.scfg.eval_steps):
-    try:
-      local = next(it)
-    except StopIteration:
+  """The stage's own held-out metrics: its loss (and, for RL stages, rollout rewards) on `eval_steps` batches."""
+  it = ctx.stage.batches(ctx, tokenizer, "validation")
+  sums, host = [], []
+  for i in range(ctx.scfg.eval_steps):
+    local = _next_batch(ctx, it, "validation")
+    if local is None:
       break
-    sums.append(jax.device_get(eval_fn(params, partitioning.global_batch(local, ctx.mesh))))
+    batch, host_metrics = _prepare(ctx, params, local, i, "validation")
+    sums.append(jax.device_get(eval_fn(params, batch)))
+    host.append(host_metrics)
   if not sums:
     raise TrainingError(f"stage {ctx.name}: the validation split gave no batches")
-  return _summarize(sums, "eval")
+  return summarize(sums, "eval", host)
+
+
+def _prepare(ctx: StageContext, params, local, step: int, split: str):
+  try:
+    return ctx.stage.prepare(ctx, params, local, step, split)
+  except ValueError as e:
+    raise TrainingError(f"stage {ctx.name}, step {step} ({split}): {e}") from e
+
+
+def _next_batch(ctx: StageContext, it, split: str):
+  """next(it), None at the end; a data error names the stage (the data layer names the source and record)."""
+  try:
+    return next(it)
+  except StopIteration:
+    return None
+  except (ValueError, KeyError) as e:
+    raise TrainingError(f"stage {ctx.name}: bad {split} data: {e}") from e
 
 
 def run_stage(config, name: str, workdir: str, tokenizer=None, mesh=None) -> dict[str, Any]:
@@ -465,6 +538,7 @@ def run_stage(config, name: str, workdir: str, tokenizer=None, mesh=None) -> dic
     print(f"[{name}] already finished ({final_marker(workdir, name)}); skipping", flush=True)
     return {"stage": name, "skipped": True}
   tokenizer = tokenizer if tokenizer is not None else tokenizer_for(config)
+  ctx.tokenizer = tokenizer
   ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=scfg.keep_checkpoints)
   try:
     return _train(ctx, workdir, stage_dir, ckpt, tokenizer)
@@ -474,14 +548,15 @@ def run_stage(config, name: str, workdir: str, tokenizer=None, mesh=None) -> dic
 
 def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Checkpointer, tokenizer):
   name, scfg = ctx.name, ctx.scfg
-  train_iter = make_batches(ctx, tokenizer, split="train")
+  train_iter = ctx.stage.batches(ctx, tokenizer, "train")
   restored = ckpt.restore_latest(ctx.abstract_state)
   if restored is not None:
     start, state, meta = restored
     train_iter.set_state(meta["data"])
     print(f"[{name}] resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
   elif scfg.init_from:
-    params = load_final_params(workdir, scfg.init_from, ctx.abstract_state.params, needed_by=name)
+    params = load_final_params(workdir, scfg.init_from, ctx.abstract_state.params,
+                               needed_by=f"config.{name}.init_from={scfg.init_from!r}")
     state = ctx.init_state(params=params)
     start = 0
     print(f"[{name}] initialized from the final parameters of stage {scfg.init_from!r}", flush=True)
@@ -489,6 +564,7 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
     state = ctx.init_state()
     start = 0
 
+  ctx.load_frozen(workdir)
   eval_fn = ctx.jit_eval_step()
   t0 = time.time()
   compiled = ctx.compile_train_step()
@@ -499,7 +575,7 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
   writer = MetricsWriter(stage_dir, resume_step=start if restored is not None else None)
   progress = Progress(name, start, scfg.steps, ctx.config.progress)
   rep = partitioning.replicated(ctx.mesh)
-  window, window_t0, window_tokens = [], time.time(), 0
+  window, window_host, window_t0, window_tokens = [], [], time.time(), 0
   pending = None  # The previous step's metrics: checked while the current step runs.
   last_saved = start if restored is not None else None
 
@@ -519,8 +595,11 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
   try:
     with _StopRequested() as stop, ctx.activate():
       for step in range(start, scfg.steps):
-        local = next(train_iter)
-        batch = partitioning.global_batch(local, ctx.mesh)
+        local = _next_batch(ctx, train_iter, "train")
+        if local is None:
+          raise TrainingError(f"stage {name}: the training data ran out at step {step}")
+        batch, host_metrics = _prepare(ctx, state.params, local, step, "train")
+        window_host.append(host_metrics)
         dyn = jax.device_put(ctx.dyn_at(step), rep)
         state, metrics = compiled(state, batch, dyn)
         window_tokens += scfg.batch_size * scfg.seq_len
@@ -533,12 +612,12 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
           sums = jax.device_get(window)
           for i, m in enumerate(sums):
             check_finite(m, done - len(sums) + i)
-          scalars = _summarize(sums, "train")
+          scalars = summarize(sums, "train", window_host)
           elapsed = time.time() - window_t0
           scalars["train/tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
           writer.write(done, scalars)
           progress.update(done, scalars)
-          window, window_t0, window_tokens = [], time.time(), 0
+          window, window_host, window_t0, window_tokens = [], [], time.time(), 0
         t_aside = time.time()  # Eval and saving are kept out of train/tokens_per_sec.
         if scfg.eval_every and (done % scfg.eval_every == 0 or done == scfg.steps):
           scalars = evaluate(ctx, eval_fn, state.params, tokenizer)

@@ -256,12 +256,15 @@ class PreferenceIterator(BatchIterator):
 
     next(it) -> {'chosen': batch, 'rejected': batch}; each batch has the five arrays of `BatchIterator`, row i of
     both holds the same prompt (loss_mask 0) followed by the chosen / rejected completion (loss_mask 1, incl.
-    EOS), starting at position 0 with segment id 1. Documents longer than `seq_len` are truncated to their first
-    `seq_len` pairs (check `completion_tokens` = loss_mask.sum(-1) > 0). Order, repeat, sharding and state work as
-    in `BatchIterator`."""
+    EOS), starting at position 0 with segment id 1. A pair whose chosen or rejected document has more than
+    `seq_len` pairs is skipped (a cut completion has no meaningful log-ratio); `skipped` counts them, and a run of
+    1000 skips in a row is an error. Order, repeat, sharding and state work as in `BatchIterator`."""
+
+    MAX_SKIPS_IN_A_ROW = 1000
 
     def __init__(self, mixture, **kwargs):
         super().__init__(mixture, pack=False, cross_document_attention=False, **kwargs)
+        self.skipped = 0
 
     def _pair_tokens(self, source: int, record: int):
         key = (source, record, "pair")
@@ -272,6 +275,10 @@ class PreferenceIterator(BatchIterator):
                 raise ValueError(f"source {self.sources[source].spec.text!r}: record {record} has format "
                                  f"{rec.get('format')!r}; a preference iterator needs 'pref' records "
                                  "(prompt, completion = chosen, rejected)")
+            for field, side in (("completion", "chosen"), ("rejected", "rejected")):
+                if not rec[field].strip():
+                    raise ValueError(f"source {self.sources[source].spec.text!r}: record {record} (index "
+                                     f"{rec.get('index')}) has an empty {side} completion")
             cached = tuple(tokenize_document(self.tokenizer, [(rec["prompt"], False), (rec[field], True)])
                            for field in ("completion", "rejected"))
             if len(self._token_cache) < _TOKEN_CACHE_DOCS:
@@ -283,13 +290,22 @@ class PreferenceIterator(BatchIterator):
         out = {side: {"inputs": np.zeros((B, L), np.int32), "targets": np.zeros((B, L), np.int32),
                       "loss_mask": np.zeros((B, L), np.float32), "segment_ids": np.zeros((B, L), np.int32),
                       "positions": np.zeros((B, L), np.int32)} for side in ("chosen", "rejected")}
-        rows = 0
+        rows, skips_in_a_row = 0, 0
         while rows < B:
             drawn = self._draw_document()
             if drawn is None:
                 break
-            for side, (ids, flags) in zip(("chosen", "rejected"), self._pair_tokens(*drawn)):
-                n = min(L, len(ids) - 1)
+            pair = self._pair_tokens(*drawn)
+            if max(len(ids) - 1 for ids, _ in pair) > L:
+                self.skipped += 1
+                skips_in_a_row += 1
+                if skips_in_a_row >= self.MAX_SKIPS_IN_A_ROW:
+                    raise ValueError(f"preference pairs of {[t for t, _ in self.mixture]}: {skips_in_a_row} pairs "
+                                     f"in a row are longer than seq_len={L}; raise seq_len")
+                continue
+            skips_in_a_row = 0
+            for side, (ids, flags) in zip(("chosen", "rejected"), pair):
+                n = len(ids) - 1
                 batch = out[side]
                 batch["inputs"][rows, :n] = ids[:n]
                 batch["targets"][rows, :n] = ids[1:n + 1]

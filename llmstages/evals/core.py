@@ -99,7 +99,7 @@ class EvalContext:
   def sequence_logprobs(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
                         batch_size: int = 128) -> np.ndarray:
     """Summed log p(continuation | prefix) per pair, deterministic (no dropout), in nats."""
-    model = self.train_ctx.eval_model
+    model = self.train_ctx.lm_model
     fn = _logprob_fn(model)
     total = len(prefixes)
     out = np.zeros((total,), np.float64)
@@ -154,7 +154,7 @@ def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool
       return done
   tokenizer = tokenizer if tokenizer is not None else train.tokenizer_for(config)
   tctx = train.build_context(config, stage)
-  params = train.load_final_params(workdir, stage, tctx.abstract_state.params, needed_by=f"evals of {stage}")
+  params = train.load_final_params(workdir, stage, tctx.abstract_lm_params(), needed_by=f"evals of stage {stage!r}")
   if jax.process_count() > 1:
     # Every host evaluates a full copy on its own devices (identical results; process 0 writes them): sampling
     # and host-side scoring need whole arrays, which a mesh spanning hosts cannot hand to one process.
@@ -163,7 +163,7 @@ def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool
     host_params = multihost_utils.process_allgather(params, tiled=True)
     local = partitioning.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
     tctx = train.build_context(config, stage, mesh=local)
-    params = jax.device_put(host_params, tctx.state_sharding.params)
+    params = jax.device_put(host_params, {k: tctx.state_sharding.params[k] for k in host_params})
   ctx = EvalContext(config=config, stage=stage, params=params, tokenizer=tokenizer, train_ctx=tctx,
                     workdir=workdir)
   results: dict[str, dict] = {}

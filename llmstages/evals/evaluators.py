@@ -74,11 +74,30 @@ def _score_prompts(ctx: EvalContext, prompts: Sequence[str], correct: Callable[[
 
 @register("perplexity")
 def perplexity(ctx: EvalContext) -> dict:
-  from llmstages import train
+  """Next-token loss of the language model on `eval.perplexity_data` (validation split), or on the stage's own
+  held-out mixture when that is empty (next-token stages only)."""
+  import jax
+  from llmstages import data, partitioning, stages, train
   tctx = ctx.train_ctx
-  eval_fn = tctx.jit_eval_step()
+  spec = ctx.ecfg.perplexity_data
+  if not spec and not isinstance(tctx.stage, stages.NextTokenStage):
+    raise ValueError(f"stage {ctx.stage!r} is not a next-token stage: set config.eval.perplexity_data to score "
+                     f"its perplexity")
+  it = train.make_batches(tctx, ctx.tokenizer, split="validation", mixture=data.parse_mixture(spec) if spec else None)
+  lm_stage = stages.NextTokenStage()
+  fn = jax.jit(lambda params, batch: dict(zip(("loss_sum", "count", "m"),
+                                              lm_stage.loss(tctx.lm_model, params, batch, None, None, False))))
+  sums = []
   with tctx.activate():
-    scalars = train.evaluate(tctx, eval_fn, ctx.params, ctx.tokenizer)
+    for _ in range(ctx.ecfg.perplexity_batches):
+      local = next(it, None)
+      if local is None:
+        break
+      out = jax.device_get(fn(ctx.params, partitioning.global_batch(local, tctx.mesh)))
+      sums.append({"loss_sum": out["loss_sum"], "count": out["count"], **out["m"]})
+  if not sums:
+    raise ValueError(f"stage {ctx.stage!r}: the perplexity data gave no validation batches")
+  scalars = train.summarize(sums, "eval")
   n = int(scalars["eval/tokens"])
   return {"loss": Metric(scalars["eval/nll"], n), "perplexity": Metric(scalars["eval/perplexity"], n),
           "accuracy": Metric(scalars["eval/accuracy"], n)}

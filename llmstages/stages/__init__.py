@@ -5,6 +5,11 @@ Adding a stage is one decorated class:
     @register('my_stage')
     class MyStage(Stage):
       def loss(self, model, params, batch, dyn, rng, train): ...
+
+Stages: `pretrain`, `cpt`, `sft`, `instruct` (next-token loss on masked targets, below), `reward` and `dpo`
+(`preference.py`), `grpo` and `ppo` (`rl.py`). A stage may also override `batches` (its data), `abstract_batch`
+(the shapes the step is compiled for), `prepare` (host or device work between data and step: reference
+log-probs, rollouts, rewards), `frozen_models` (frozen parameters it needs) and set `score_head`.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ def register(name: str) -> Callable[[type["Stage"]], type["Stage"]]:
   return wrap
 
 
-def get(name: str) -> "Stage":
+def get(name: str, scfg=None, where: str = "") -> "Stage":
+  """A stage of kind `name` for the config block `scfg` (found at `where`, e.g. 'config.dpo')."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown stage {name!r}; known stages: {sorted(_REGISTRY)}")
-  return _REGISTRY[name]()
+  return _REGISTRY[name](scfg, where)
 
 
 def names() -> list[str]:
@@ -39,12 +45,39 @@ def names() -> list[str]:
 
 
 class Stage:
-  """The per-stage pieces of training. `loss` returns (sum, count, metric sums): means are taken once, later."""
+  """The per-stage pieces of training. `loss` returns (sum, count, metric sums): means are taken once, later.
+
+  Every metric sum is divided by the summed `count` when logged, except `nll` (also -> perplexity) and `correct`
+  (-> accuracy), which are divided by it too under those names.
+  """
   name = ""
+  score_head = False  # The parameters carry a scalar head (model.HEAD_PARAMS).
+
+  def __init__(self, scfg=None, where: str = ""):
+    self.scfg = scfg  # The stage's config block (static settings such as DPO's beta).
+    self.where = where or f"config.{self.name}"
 
   def loss(self, model, params, batch: dict[str, jax.Array], dyn: dict[str, Any], rng: jax.Array | None,
            train: bool):
     raise NotImplementedError
+
+  def frozen_models(self, scfg) -> dict[str, tuple[str, bool]]:
+    """{role: (stage whose final parameters to load, with its scalar head)} of frozen models; loaded once."""
+    return {}
+
+  def batches(self, ctx, tokenizer, split: str):
+    """This stage's data iterator (get_state/set_state for resumption)."""
+    from llmstages import train
+    return train.make_batches(ctx, tokenizer, split=split)
+
+  def abstract_batch(self, ctx) -> dict:
+    """Shapes and shardings of one global batch, as `prepare` returns it."""
+    return ctx.token_batch_shapes()
+
+  def prepare(self, ctx, params, local_batch, step: int, split: str):
+    """(global batch for the step, host metrics): turns this process's rows into the sharded step input."""
+    from llmstages import partitioning
+    return partitioning.global_batch(local_batch, ctx.mesh), {}
 
 
 class NextTokenStage(Stage):
@@ -68,3 +101,17 @@ class Pretrain(NextTokenStage):
 @register("cpt")
 class ContinuedPretrain(NextTokenStage):
   """Same objective as pretraining, on a new mixture with `replay` of the init_from stage's data."""
+
+
+@register("sft")
+class SupervisedFineTune(NextTokenStage):
+  """Prompt -> completion data ('pc' records): the data marks only completion tokens (and EOS) for loss;
+  packed documents attend only within their own segment."""
+
+
+@register("instruct")
+class InstructionTune(NextTokenStage):
+  """Chat data rendered with the tokenizer's chat tokens (`data.format_chat`): loss on assistant turns only."""
+
+
+from llmstages.stages import preference, rl  # noqa: E402,F401  (register their stages)
