@@ -22,10 +22,12 @@ checkpoint (the pipeline does that in the same workdir). A worker records a hear
 --heartbeat_interval seconds; a trial whose worker died (machine lost, kill -9) is failed once its heartbeat is
 --grace_period old and its run queued again, by any worker still waiting or by the next sweep command.
 
-No run executes twice at once: a worker claims a WAITING trial with the storage's atomic WAITING -> RUNNING
-update; queueing happens under a file lock in DIR; and should two trials of one run still exist (two sweep commands
+No run executes twice at once: a worker claims a WAITING trial with the storage's WAITING -> RUNNING update, atomic
+on a database server and made under a file lock in DIR for SQLite (which lets two connections both read WAITING);
+queueing happens under the same file lock; and should two trials of one run still exist (two sweep commands
 on machines that share no lock queued it at the same moment), a worker runs its trial only if no trial of that run
-with a lower number is waiting, running or complete, and otherwise marks its own PRUNED as a duplicate. A worker
+with a lower number is waiting, running or complete, and otherwise marks its own PRUNED as a duplicate; a worker
+also holds a lock on the run's directory while the run executes. A worker
 with nothing left to pull waits until no trial runs anywhere, then prints a summary; the exit status is non-zero
 when any run failed. Runs share a JAX compilation cache (DIR/jax_cache) so that a sweep of identical shapes
 compiles once. The study's objective value is the experiment's first metric at its last stage (0 where absent);
@@ -102,6 +104,22 @@ def dir_lock(workdir: str):
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def run_lock(directory: str):
+  """Yields whether this thread holds the run directory's lock; the OS drops it if the worker dies."""
+  import fcntl
+  with open(os.path.join(directory, ".lock"), "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      yield False
+      return
+    try:
+      yield True
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -200,6 +218,7 @@ class Sweep:
     self.env = self._child_env(compilation_cache)
     self.stopping = threading.Event()
     self.children: dict[int, subprocess.Popen] = {}
+    self.claim_lock = threading.Lock()
     self.lock = threading.RLock()  # Re-entrant: the signal handler may run while the main thread holds it.
     self.started = time.time()
     self.executed = 0  # Runs this command executed (finished or not).
@@ -267,22 +286,28 @@ class Sweep:
     return counts
 
   def _pop(self):
-    """Claims the lowest-numbered WAITING trial (atomically, in the storage); None when there is none."""
+    """Claims the lowest-numbered WAITING trial; None when there is none.
+
+    The storage's WAITING -> RUNNING update is atomic on a database server (a row lock), but not on SQLite, where
+    two connections can both read WAITING and both write RUNNING: the claim is also made under this process's lock
+    and the directory's file lock, which every worker of a SQLite study shares.
+    """
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
-    waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))
-    for t in sorted(waiting, key=lambda t: t.number):
-      trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
-      try:
-        claimed = self.storage.set_trial_state_values(trial_id, TrialState.RUNNING)
-      except (UpdateFinishedTrialError, RuntimeError):
-        claimed = False
-      except Exception as e:  # noqa: BLE001  (SQLite 'database is locked' under contention: try the next one)
-        self.log(f"[sweep] note: claiming trial {t.number} failed ({type(e).__name__}); trying again")
-        claimed = False
-      if claimed:
-        self.storage.record_heartbeat(trial_id)
-        return t, trial_id
+    with self.claim_lock, dir_lock(self.workdir):
+      waiting = self.storage.get_all_trials(self.study_id, deepcopy=False, states=(TrialState.WAITING,))
+      for t in sorted(waiting, key=lambda t: t.number):
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
+        try:
+          claimed = self.storage.set_trial_state_values(trial_id, TrialState.RUNNING)
+        except (UpdateFinishedTrialError, RuntimeError):
+          claimed = False
+        except Exception as e:  # noqa: BLE001  (SQLite 'database is locked' under contention: try the next one)
+          self.log(f"[sweep] note: claiming trial {t.number} failed ({type(e).__name__}); trying again")
+          claimed = False
+        if claimed:
+          self.storage.record_heartbeat(trial_id)
+          return t, trial_id
     return None
 
   def _duplicate_of(self, trial) -> str:
@@ -356,7 +381,12 @@ class Sweep:
         self._set_attrs(trial_id, {"skipped": "result.json existed", **metrics})
         self._tell(trial.number, TrialState.COMPLETE, value)
         continue
-      self.execute(index, trial.number, trial_id, run, rd)
+      with run_lock(rd) as mine:
+        if not mine:  # Another worker of this machine (or of the shared filesystem) is in this run's directory.
+          self._set_attrs(trial_id, {"skipped": f"runs/{h} is in use by another worker"})
+          self._tell(trial.number, TrialState.PRUNED)
+          continue
+        self.execute(index, trial.number, trial_id, run, rd)
 
   def execute(self, index: int, number: int, trial_id: int, run: experiments.Run, rd: str) -> None:
     from optuna.trial import TrialState
