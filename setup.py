@@ -28,7 +28,11 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch", "nltk"],
+        # psycopg: tests/test_sweep.py runs a sweep against a PostgreSQL server it starts (SQLAlchemy's default
+        # driver for postgresql:// URLs is psycopg 3).
+        "test": ["pytest>=8", "torch", "nltk", "psycopg[binary]>=3.1"],
+        # A sweep whose workers on several machines share one PostgreSQL study: --storage=postgresql://...
+        "postgres": ["psycopg[binary]>=3.1"],
         # The PyTorch reference model used only by `python -m llmstages.bench`.
         "bench": ["torch"],
     },

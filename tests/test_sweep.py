@@ -1,0 +1,296 @@
+"""The experiment registry and the sweep runner: real smoke sweeps in subprocesses, killed, failing, on PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from llmstages import experiments as X
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "dropout_vs_facts:smoke"
+STUDY = f"llmstages:{SMOKE}"
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # One CPU device per run, as a plain machine has (conftest forces 8 in-process).
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH", "")]))
+  return env
+
+
+def sweep_cmd(workdir, cache, *extra, experiment=SMOKE) -> list[str]:
+  return [sys.executable, "-m", "llmstages.sweep", f"--experiment={experiment}", f"--workdir={workdir}",
+          "--heartbeat_interval=1", "--grace_period=3", "--progress_every=30", f"--compilation_cache={cache}",
+          *extra]
+
+
+def run_sweep(workdir, cache, *extra, experiment=SMOKE, timeout=600) -> subprocess.CompletedProcess:
+  return subprocess.run(sweep_cmd(workdir, cache, *extra, experiment=experiment), env=_env(), cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def trials(workdir, storage="", study=STUDY):
+  import optuna
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  url = storage or f"sqlite:///{os.path.join(workdir, 'optuna.db')}"
+  return optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
+
+
+def completed_runs(all_trials) -> list[str]:
+  return sorted(t.user_attrs["run"] for t in all_trials if t.state.name == "COMPLETE")
+
+
+def attempts_started(run_dir: str) -> int:
+  """How many times a run's process was started: one header per attempt in its stdout."""
+  with open(os.path.join(run_dir, "stdout.txt")) as f:
+    return sum(1 for line in f if line.startswith("=== "))
+
+
+def _run_processes(workdir: str) -> list[int]:
+  """Pids of run processes (ours only: their command line names this sweep's directory)."""
+  pids = []
+  for path in glob.glob("/proc/[0-9]*/cmdline"):
+    with contextlib.suppress(OSError):
+      with open(path, "rb") as f:
+        cmd = f.read().decode(errors="replace")
+      if "--run_dir=" in cmd and str(workdir) in cmd:
+        pids.append(int(path.split("/")[2]))
+  return pids
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+  return any(name.isdigit() for name in os.listdir(os.path.join(run_dir, "pretrain", "checkpoints"))) \
+      if os.path.isdir(os.path.join(run_dir, "pretrain", "checkpoints")) else False
+
+
+def smoke_sweep(tmp_path_factory) -> tuple[str, dict]:
+  """The 4-run smoke sweep with 2 workers, killed (kill -9) while a run is mid-way, then rerun to the end.
+
+  Made once per test session (test_compare.py reads the same finished sweep); returns (workdir, record).
+  """
+  base = tmp_path_factory.getbasetemp() / "smoke_sweep"
+  record_path = base / "record.json"
+  if record_path.exists():
+    return str(base / "sweep"), json.loads(record_path.read_text())
+  shutil.rmtree(base, ignore_errors=True)
+  workdir, cache = base / "sweep", tmp_path_factory.getbasetemp() / "jax_cache"
+  base.mkdir(parents=True)
+  runs = {r.hash: r for r in X.load(SMOKE).runs()}
+  proc = subprocess.Popen(sweep_cmd(workdir, cache, "--workers=2"), env=_env(), cwd=ROOT, start_new_session=True,
+                          stdout=open(base / "first.log", "w"), stderr=subprocess.STDOUT)
+  deadline = time.time() + 420
+  finished, mid = [], []
+  while time.time() < deadline and proc.poll() is None:
+    dirs = {h: os.path.join(workdir, "runs", h) for h in runs}
+    finished = [h for h, d in dirs.items() if os.path.exists(os.path.join(d, "result.json"))]
+    mid = [h for h, d in dirs.items() if h not in finished and _has_checkpoint(d)]
+    if finished and mid:
+      break
+    time.sleep(0.1)
+  assert proc.poll() is None, f"the sweep ended before it could be killed:\n{(base / 'first.log').read_text()}"
+  assert finished and mid, f"no finished run and run with a checkpoint in time:\n{(base / 'first.log').read_text()}"
+  mtimes = {h: os.path.getmtime(os.path.join(workdir, "runs", h, "result.json")) for h in finished}
+  os.killpg(proc.pid, signal.SIGKILL)  # The whole sweep command dies at once, as when its machine is lost.
+  proc.wait()
+  for _ in range(50):  # Its run processes follow it (PR_SET_PDEATHSIG): no orphan keeps writing.
+    if not _run_processes(workdir):
+      break
+    time.sleep(0.1)
+  orphans = _run_processes(workdir)
+  second = run_sweep(workdir, cache, "--workers=2")
+  (base / "second.log").write_text(second.stdout + second.stderr)
+  record = {"finished_before_kill": finished, "mid_run_at_kill": mid, "mtimes": mtimes, "orphans": orphans,
+            "returncode": second.returncode, "log": second.stdout + second.stderr}
+  record_path.write_text(json.dumps(record))
+  return str(workdir), record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry (no runs).
+
+def test_sweep_helpers_build_plain_lists():
+  assert X.grid({"a": [1, 2], "b": [3]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+  assert X.zip_({"a": [1, 2], "b": [3, 4]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+  with pytest.raises(ValueError, match="equally long"):
+    X.zip_({"a": [1, 2], "b": [3]})
+  runs = X.product([X.setting("x", {"k": 1}), X.setting("y", {"k": 2})], X.seeds(2))
+  assert [(r["setting"], r["seed"]) for r in runs] == [("x", 0), ("x", 1), ("y", 0), ("y", 1)]
+
+
+def test_registry_lists_every_experiment_and_smoke_shrinks_it():
+  assert {"dropout_vs_facts", "capacity", "augmentation_extraction"} <= set(X.names())
+  for name in ("dropout_vs_facts", "capacity", "augmentation_extraction"):
+    full, smoke = X.load(name), X.load(f"{name}:smoke")
+    assert full.metrics and all("/" in m for m in full.metrics)
+    assert len(smoke.runs()) <= 4 < len(full.runs())
+    assert smoke.base_config().model.d_model == 32  # configs/quickstart.py:smoke size.
+    assert full.baseline in {r.setting for r in full.runs()}
+  exp = X.load("dropout_vs_facts")
+  settings = {r.setting for r in exp.runs()}
+  assert {"none", "dropout@pretrain", "mlp_dropout@cpt", "neftune@cpt", "weight_decay@pretrain"} <= settings
+  assert all(sum(r.setting == s for r in exp.runs()) == 3 for s in settings)  # 3 seeds each.
+  one = next(r for r in exp.runs() if r.setting == "attn_dropout@cpt")
+  assert one.config.cpt.reg.attn_dropout == 0.1 and one.config.pretrain.reg.attn_dropout is None
+  out = subprocess.run([sys.executable, "-m", "llmstages.sweep", "--list"], env=_env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == len(X.names()) and all("runs" in line and "ERROR" not in line for line in lines)
+
+
+def test_run_hash_is_the_resolved_config():
+  exp = X.load(SMOKE)
+  a, b = exp.runs()[:2]
+  assert a.hash == exp.resolve({"setting": "other name", "seed": a.seed, **a.overrides}).hash
+  assert a.hash != b.hash
+  with pytest.raises(KeyError, match="dropuot"):
+    exp.resolve({"pretrain.reg.dropuot": 0.1})  # A mistyped key fails when the sweep is planned.
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps.
+
+def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path_factory):
+  workdir, record = smoke_sweep(tmp_path_factory)
+  assert record["returncode"] == 0, record["log"]
+  assert not record["orphans"], "run processes outlived their killed sweep"
+  runs = {r.hash: r for r in X.load(SMOKE).runs()}
+  assert len(runs) == 4
+  for h in runs:
+    assert os.path.exists(os.path.join(workdir, "runs", h, "result.json"))
+    for stage in ("pretrain", "cpt"):
+      assert os.path.exists(os.path.join(workdir, "runs", h, stage, "eval.json"))
+  for h in record["finished_before_kill"]:  # Not run again, not even started.
+    assert attempts_started(os.path.join(workdir, "runs", h)) == 1
+    assert os.path.getmtime(os.path.join(workdir, "runs", h, "result.json")) == record["mtimes"][h]
+  for h in record["mid_run_at_kill"]:  # Started again in the same workdir, from where it was.
+    rd = os.path.join(workdir, "runs", h)
+    assert attempts_started(rd) == 2
+    with open(os.path.join(rd, "stdout.txt")) as f:
+      last_attempt = f.read().split("\n=== ")[-1]
+    assert "resumed from checkpoint step" in last_attempt or "already finished" in last_attempt
+  all_trials = trials(workdir)
+  assert completed_runs(all_trials) == sorted(runs)  # The store holds each run exactly once.
+  for t in all_trials:  # Other trials are the killed command's, failed by the missing heartbeat (no error).
+    assert t.state.name == "COMPLETE" or (t.state.name == "FAIL" and "error" not in t.user_attrs), t
+  assert "4/4 done" in record["log"] and "eta" in record["log"]
+  again = run_sweep(workdir, tmp_path_factory.getbasetemp() / "jax_cache", "--workers=2")
+  assert again.returncode == 0 and "this command executed 0" in again.stdout, again.stdout + again.stderr
+  assert completed_runs(trials(workdir)) == sorted(runs)
+
+
+FAILING = '''"""Test experiment: one run whose config makes the pipeline raise, then one that finishes."""
+from llmstages import experiments as X
+METRICS = ("perplexity/loss",)
+def get_config(arg):
+  c = X.config_file("capacity.py", "smoke")
+  c.pretrain.evals = ("perplexity",)
+  return c
+def get_sweep(arg):
+  return [X.setting("bad", {"pretrain.reg.dropout": 1.5}, seed=0), X.setting("good", seed=0)]
+'''
+
+
+def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path, tmp_path_factory):
+  path = tmp_path / "failing.py"
+  path.write_text(FAILING)
+  workdir = tmp_path / "sweep"
+  out = run_sweep(workdir, tmp_path_factory.getbasetemp() / "jax_cache", "--workers=1", experiment=str(path))
+  log = out.stdout + out.stderr
+  assert out.returncode == 1, log
+  assert "1 failed" in log and "FAILED bad seed 0" in log and "a rate must be in [0, 1), got 1.5" in log
+  exp = X.load(str(path))
+  by_setting = {r.setting: r.hash for r in exp.runs()}
+  assert os.path.exists(os.path.join(workdir, "runs", by_setting["good"], "result.json"))
+  assert not os.path.exists(os.path.join(workdir, "runs", by_setting["bad"], "result.json"))
+  states = {t.user_attrs["setting"]: t for t in trials(workdir, study=f"llmstages:{exp.spec}")}
+  assert states["good"].state.name == "COMPLETE"
+  assert states["bad"].state.name == "FAIL"
+  assert "a rate must be in [0, 1), got 1.5" in states["bad"].user_attrs["error"]
+  assert "config.pretrain.reg.dropout" in states["bad"].user_attrs["error"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PostgreSQL.
+
+def _postgres_bin() -> str:
+  for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+    if os.path.exists(os.path.join(d, "initdb")):
+      return d
+  for tool in ("initdb", "pg_ctl"):
+    found = shutil.which(tool)
+    if found and os.path.exists(os.path.join(os.path.dirname(os.path.realpath(found)), "initdb")):
+      return os.path.dirname(os.path.realpath(found))
+  pytest.fail("PostgreSQL is not installed (initdb not found); .ci/run installs it: apt-get install -y postgresql")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres_server():
+  """A throwaway PostgreSQL server on 127.0.0.1; yields its URL. As root it runs as the `postgres` user."""
+  bindir = _postgres_bin()
+  root = tempfile.mkdtemp(prefix="llmstages_pg_")
+  as_user = {}
+  if os.geteuid() == 0:  # initdb and postgres refuse to run as root.
+    try:
+      pw = pwd.getpwnam("postgres")
+    except KeyError:
+      pw = pwd.getpwnam("nobody")
+    os.chown(root, pw.pw_uid, pw.pw_gid)
+    as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+  data, log, port = os.path.join(root, "data"), os.path.join(root, "server.log"), _free_port()
+  env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "HOME": root}
+
+  def pg(*args, **kw):
+    return subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=120, **as_user, **kw)
+
+  try:
+    out = pg(os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "-N")
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = pg(os.path.join(bindir, "pg_ctl"), "-D", data, "-l", log, "-w", "-t", "60", "-o",
+             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", "start")
+    assert out.returncode == 0, out.stdout + out.stderr + (open(log).read() if os.path.exists(log) else "")
+    yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+  finally:
+    pg(os.path.join(bindir, "pg_ctl"), "-D", data, "-m", "immediate", "stop")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_sweep_commands_on_postgres_finish_the_same_runs_once(tmp_path, tmp_path_factory):
+  workdir, cache = tmp_path / "sweep", tmp_path_factory.getbasetemp() / "jax_cache"
+  expected = sorted(r.hash for r in X.load(SMOKE).runs())
+  with postgres_server() as url:
+    # Two commands started at once, each one worker, as on two machines sharing the study and the directory.
+    procs = [subprocess.Popen(sweep_cmd(workdir, cache, "--workers=1", f"--storage={url}"), env=_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+      assert p.returncode == 0, log
+    all_trials = trials(workdir, storage=url)
+  assert completed_runs(all_trials) == expected
+  for t in all_trials:  # Duplicates, if both queued a run, are pruned without running.
+    assert t.state.name in ("COMPLETE", "PRUNED"), t
+  for h in expected:
+    assert attempts_started(os.path.join(workdir, "runs", h)) == 1
+  executed = sum(int(log.rsplit("this command executed ", 1)[1].split()[0]) for log in logs)
+  assert executed == 4 and all("this command executed 0" not in log for log in logs), logs
+  sqlite_runs = completed_runs(trials(smoke_sweep(tmp_path_factory)[0]))
+  assert sqlite_runs == expected  # The same runs as the SQLite sweep.
