@@ -174,10 +174,12 @@ class Experiment:
 
   @property
   def baseline(self) -> str:
+    settings = [r.setting for r in self.runs()]
     explicit = getattr(self.module, "BASELINE", None)
-    if explicit:
-      return explicit
-    return self.runs()[0].setting
+    if explicit and explicit not in settings:
+      raise ValueError(f"experiment {self.name}: BASELINE={explicit!r} is not one of its settings "
+                       f"{sorted(set(settings))}")
+    return explicit or settings[0]
 
 
 def setting_name(overrides: dict) -> str:
