@@ -8,8 +8,9 @@ fresh template per attribute and a shuffled sentence order at every exposure), m
 as in configs/quickstart.py; then fine-tune (the 'cpt' stage, no replay) on QA pairs about the QA-train half of the
 people. Extraction is QA accuracy on the other half, the QA-test people, whose facts were only ever seen in
 biographies (`bios_facts/qa_test/greedy`). Both settings share one tokenizer (trained on both formats). 2 settings
-x 3 seeds = 6 runs, about 6 minutes each on the 2-core CPU (not run yet). Paper, at GPT-2 scale: 9.7% (simple) vs
-96.6% (multi5+permute); a 0.9M-parameter model at ~35 exposures per person may extract nothing in either setting.
+x 3 seeds = 6 runs, about 6 minutes each on the 2-core CPU (an estimate; not run yet). Paper, at GPT-2 scale: 9.7%
+(simple) vs 96.6% (multi5+permute); a 0.9M-parameter model at ~35 exposures per person may extract nothing in
+either setting.
 
 `:smoke` runs both formats x 2 seeds of the quickstart smoke model in seconds each.
 """
@@ -56,6 +57,7 @@ def format_overrides(fmt: str, smoke: bool) -> dict:
 def get_config(arg: str = ""):
   smoke = "smoke" in _opts(arg)
   c = X.config_file("quickstart.py", "smoke" if smoke else "")
+  c.stages = ("pretrain", "cpt")  # quickstart.py may run later stages too; 'cpt' here is the QA fine-tuning.
   for key, value in format_overrides(FORMATS[0], smoke).items():
     X.set_key(c, key, value)
   c.cpt.replay = 0.0

@@ -216,16 +216,15 @@ def render(sweep: dict, runs: list[dict], summary: dict, command: str, plots: tu
   if missing:
     lines += ["", "Unfinished runs (not in the numbers):", ""]
     lines += [f"- {r['setting']} seed {r['seed']}: runs/{r['hash']}" for r in missing]
+  header = ["| setting | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
   for stage in stages:
-    lines += ["", f"## After stage `{stage}`", "", "| setting | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |",
-              "|---" * (len(metrics) + 2) + "|"]
+    lines += ["", f"## After stage `{stage}`", "", *header]
     for s in settings:
       n = max(summary["table"][stage][s][m]["n"] for m in metrics)
       name = f"{s} (baseline)" if s == baseline else s
       lines.append(f"| {name} | {n} | " + " | ".join(_cell(summary["table"][stage][s][m]) for m in metrics) + " |")
     if stage in summary["paired"]:
-      lines += ["", f"Paired difference against `{baseline}`:", "",
-                "| setting | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+      lines += ["", f"Paired difference against `{baseline}` (same seeds):", "", *header]
       for s, row in summary["paired"][stage].items():
         n = max(row[m]["n"] for m in metrics)
         lines.append(f"| {s} | {n} | " + " | ".join(_cell(row[m], signed=True) for m in metrics) + " |")
