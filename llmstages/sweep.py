@@ -230,6 +230,8 @@ class Sweep:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [experiments.ROOT, env.get("PYTHONPATH", "")]))
     env["PYTHONUNBUFFERED"] = "1"
     env["LLMSTAGES_SWEEP_PARENT"] = str(os.getpid())
+    if self.workers > 1:  # Several runs share an accelerator: none may preallocate most of its memory.
+      env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if compilation_cache != "off" and not (compilation_cache == "auto" and "JAX_COMPILATION_CACHE_DIR" in env):
       env["JAX_COMPILATION_CACHE_DIR"] = (os.path.join(self.workdir, "jax_cache") if compilation_cache == "auto"
                                           else os.path.abspath(compilation_cache))
@@ -247,7 +249,14 @@ class Sweep:
             "storage": redact(self.storage_url) or "sqlite:///WORKDIR/optuna.db",
             "command": " ".join(["python -m llmstages.sweep"] + sys.argv[1:]),
             "runs": [r.to_json() for r in self.runs.values()]}
-    _write_json(os.path.join(self.workdir, "sweep.json"), plan)
+    path = os.path.join(self.workdir, "sweep.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        earlier = json.load(f).get("experiment")
+      if earlier != exp.spec:
+        raise ValueError(f"--workdir={self.workdir} holds the sweep of {earlier!r}, not {exp.spec!r}: give each "
+                         f"experiment (and arg) its own directory")
+    _write_json(path, plan)
     for run in self.runs.values():
       rd = run_dir(self.workdir, run.hash)
       os.makedirs(rd, exist_ok=True)
