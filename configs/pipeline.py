@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
 def build(opts: set[str]):
   quick, smoke = "quick" in opts, "smoke" in opts
   n = 100 if smoke else 300
-  bios = f"bios(n={n},format=multi_permute,n_new={n // 3})"
+  bios = f"bios(n={n},format=multi_permute,n_new={20 if smoke else 100})"
   stories = f"stories(bios_n={n})"
   chat_args = f"bios_n={n},n_train={400 if smoke else 3000},n_validation={50 if smoke else 300}"
   c = config_lib.base_config()
@@ -54,17 +54,17 @@ def build(opts: set[str]):
                      log_every=20, evals=facts_and_stories)
   c.reward = stage("reward", steps=200, batch_size=8, seq_len=256, learning_rate=3e-4, warmup_steps=20,
                    data=f"preferences({chat_args})", init_from="instruct", eval_every=50, checkpoint_every=100,
-                   log_every=10, eval_steps=4, evals=())
+                   log_every=10, eval_steps=4, evals=("stage",))
   c.dpo = stage("dpo", steps=200, batch_size=8, seq_len=256, learning_rate=1e-4, warmup_steps=10,
                 data=f"preferences({chat_args})", init_from="instruct", eval_every=50, checkpoint_every=100,
-                log_every=10, eval_steps=4, evals=facts_and_stories)
+                log_every=10, eval_steps=4, evals=facts_and_stories + ("stage",))
   c.ppo = stage("ppo", steps=100, batch_size=16, seq_len=128, learning_rate=5e-5, warmup_steps=5,
                 data=f"preferences({chat_args})", init_from="instruct", eval_every=50, checkpoint_every=50,
-                log_every=5, eval_steps=1, evals=facts_and_stories)
+                log_every=5, eval_steps=1, evals=facts_and_stories + ("stage",))
   c.ppo.rl.update(dict(num_generations=4, max_new_tokens=48, temperature=1.0, reward_from="reward"))
   c.grpo = stage("grpo", steps=100, batch_size=32, seq_len=128, learning_rate=5e-5, warmup_steps=5,
                  data=f"preferences({chat_args})", init_from="ppo" if "ppo" in opts else "dpo", eval_every=50,
-                 checkpoint_every=50, log_every=5, eval_steps=1, evals=facts_and_stories)
+                 checkpoint_every=50, log_every=5, eval_steps=1, evals=facts_and_stories + ("stage",))
   c.grpo.rl.update(dict(num_generations=8, max_new_tokens=48, temperature=1.0, kinds=("arith", "bios", "world")))
   middle = ("reward", "ppo") if "ppo" in opts else ("reward", "dpo")
   c.stages = ("pretrain", "cpt", "sft", "instruct") + middle + ("grpo",)
@@ -80,9 +80,12 @@ def build(opts: set[str]):
   if smoke:
     c.model.update(dict(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64))
     for name in ("pretrain", "cpt", "sft", "instruct", "reward", "dpo", "ppo", "grpo"):
-      c[name].update(dict(steps=4, batch_size=8, seq_len=min(c[name].seq_len, 192), warmup_steps=1, eval_every=4, eval_steps=1,
-                          checkpoint_every=2, log_every=2))
+      rl = name in ("ppo", "grpo")
+      seq_len = {"instruct": 192, "reward": 192, "dpo": 192, "ppo": 128, "grpo": 128}.get(name, 64)
+      c[name].update(dict(steps=4 if rl else 8, batch_size=8 if rl else 4, seq_len=seq_len, warmup_steps=2,
+                          eval_every=4, eval_steps=1 if rl else 2, checkpoint_every=4, log_every=2))
     c.ppo.rl.update(dict(num_generations=2, max_new_tokens=8))
     c.grpo.rl.update(dict(num_generations=4, max_new_tokens=8))
-    c.eval.update(dict(num_prompts=4, samples=2, pass_k=(1, 2), max_new_tokens=6, story_tokens=8))
+    c.eval.update(dict(num_prompts=4, samples=2, pass_k=(1, 2), max_new_tokens=6, story_tokens=8,
+                       perplexity_batches=2))
   return config_lib.finalize(c)

@@ -7,6 +7,7 @@ import os
 
 import jax
 
+from llmstages import stages as stages_lib
 from llmstages import train
 
 
@@ -42,6 +43,12 @@ def run(config, workdir: str, mesh=None) -> list[dict]:
         not train.stage_finished(workdir, init_from):
       raise ValueError(f"config.{name}.init_from={init_from!r}: that stage neither runs before {name!r} in "
                        f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
+    earlier = config.stages[:config.stages.index(name)]
+    stage = stages_lib.get(config[name].get("kind") or name, config[name], f"config.{name}")
+    for role, (source, _) in stage.frozen_models(config[name]).items():
+      if source not in earlier and not train.stage_finished(workdir, source):
+        raise ValueError(f"config.{name}: its {role} model, stage {source!r}, neither runs before {name!r} in "
+                         f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
   from llmstages import evals
   for name in config.stages:
     for ev in config[name].evals:

@@ -10,7 +10,7 @@ Public API (the training loop codes against exactly this):
     info = data.source_info('bios(n=2000)', data_dir)          # fact table, N0, S0, value counts, splits
 
 Source specs (see `sources`): `NAME`, `NAME(k=v,...)` with corpus arguments (plus `split=S` to pin a builder split),
-`file:PATH` (.txt paragraphs or .jsonl with 'text' or 'prompt'/'completion'), `tfds:NAME[/CONFIG][:SPLIT]`.
+`file:PATH` (.txt paragraphs or .jsonl with 'text', 'prompt'/'completion', or 'prompt'/'completion'/'rejected' pairs), `tfds:NAME[/CONFIG][:SPLIT]`.
 Mixtures: `SPEC[:WEIGHT],...`.
 
 Named sources. The iterator's split ('train' / 'validation') maps to a builder split per name; `NAME(split=S)`

@@ -237,19 +237,27 @@ def read_file(path: str) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: malformed JSONL line ({e.msg}): {line[:80]!r}") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            meta = obj.get("meta", {})
+            if not isinstance(meta, dict):
+                raise ValueError(f"{path}:{lineno}: 'meta' must be a JSON object")
             if isinstance(obj.get("text"), str):
-                records.append({"format": "text", "text": obj["text"]})
+                records.append({"format": "text", "text": obj["text"], "meta": meta})
             elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
-                records.append({"format": "pc", "prompt": obj["prompt"], "completion": obj["completion"]})
+                rec = {"format": "pc", "prompt": obj["prompt"], "completion": obj["completion"], "meta": meta}
+                if isinstance(obj.get("rejected"), str):  # A preference pair: completion is the chosen one.
+                    rec.update(format="pref", rejected=obj["rejected"])
+                records.append(rec)
             else:
-                raise ValueError(f"{path}:{lineno}: expected a string 'text' or string 'prompt' and 'completion'; "
-                                 f"got keys {sorted(obj)}")
+                raise ValueError(f"{path}:{lineno}: expected a string 'text' or string 'prompt' and 'completion' "
+                                 f"(and 'rejected' for a preference pair); got keys {sorted(obj)}")
     elif path.endswith((".txt", ".md")):
         records = [{"format": "text", "text": p.strip()} for p in re.split(r"\n\s*\n", content) if p.strip()]
     else:
         raise ValueError(f"file:{path}: unsupported extension; use .txt (paragraphs) or .jsonl")
     if not records:
         raise ValueError(f"file:{path}: the file is empty (no documents)")
+    for i, rec in enumerate(records):
+        rec.setdefault("index", i)
     return records
 
 

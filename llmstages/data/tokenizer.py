@@ -58,8 +58,10 @@ class Tokenizer:
         return self._sp.encode(texts)
 
     def decode(self, ids) -> str:
-        """Text of `ids`; pad/bos/eos are dropped."""
-        ids = [int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)]
+        """Text of `ids`; pad/bos/eos are dropped. Ids past the tokenizer's vocabulary (rows a larger model
+        embedding has but no piece uses; a model can still sample them) decode as the unknown token."""
+        n = self.vocab_size
+        ids = [int(i) if int(i) < n else UNK_ID for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)]
         return self._sp.decode(ids)
 
     def token_id(self, piece: str) -> int:

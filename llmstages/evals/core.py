@@ -13,6 +13,7 @@ import numpy as np
 
 from llmstages import losses
 from llmstages.evals import metrics as M
+from llmstages.model import HEAD_PARAMS
 
 _REGISTRY: dict[str, Callable[["EvalContext"], dict]] = {}
 
@@ -65,10 +66,11 @@ class EvalContext:
   """What an evaluator may use: the trained parameters, the tokenizer, a sampler, a log-prob function."""
   config: Any
   stage: str
-  params: Any
+  params: Any  # The language model (no scalar head).
   tokenizer: Any
   train_ctx: Any  # train.StageContext of the stage (model, mesh, rules, abstract state).
   workdir: str
+  stage_params: Any = None  # The stage's parameters as trained: with its scalar head, if it has one.
 
   @property
   def ecfg(self):
@@ -154,7 +156,8 @@ def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool
       return done
   tokenizer = tokenizer if tokenizer is not None else train.tokenizer_for(config)
   tctx = train.build_context(config, stage)
-  params = train.load_final_params(workdir, stage, tctx.abstract_lm_params(), needed_by=f"evals of stage {stage!r}")
+  params = train.load_final_params(workdir, stage, tctx.abstract_lm_params(tctx.stage.score_head),
+                                   needed_by=f"evals of stage {stage!r}", with_head=tctx.stage.score_head)
   if jax.process_count() > 1:
     # Every host evaluates a full copy on its own devices (identical results; process 0 writes them): sampling
     # and host-side scoring need whole arrays, which a mesh spanning hosts cannot hand to one process.
@@ -164,8 +167,9 @@ def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool
     local = partitioning.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
     tctx = train.build_context(config, stage, mesh=local)
     params = jax.device_put(host_params, {k: tctx.state_sharding.params[k] for k in host_params})
-  ctx = EvalContext(config=config, stage=stage, params=params, tokenizer=tokenizer, train_ctx=tctx,
-                    workdir=workdir)
+  lm_params = {k: v for k, v in params.items() if k not in HEAD_PARAMS}
+  ctx = EvalContext(config=config, stage=stage, params=lm_params, stage_params=params, tokenizer=tokenizer,
+                    train_ctx=tctx, workdir=workdir)
   results: dict[str, dict] = {}
   for name, fn in fns.items():
     print(f"[{stage}] evaluating {name} ...", flush=True)

@@ -6,6 +6,8 @@
   since no answer about them can be right); greedy, maj@k and pass@k.
 - `world_facts`: geographic QA with the training and the held-out question templates.
 - `arith`: arithmetic answers checked by `arith.verify` (scratchpad or answer-only, per `eval.arith`).
+- `stage`: the stage's own held-out metrics (its loss on `eval_steps` validation batches): preference accuracy and
+  margin of a reward model or DPO policy, mean reward of RL rollouts, next-token loss otherwise.
 - `capacity`: knowledge capacity R and R_max in bits per parameter (Physics of LMs 3.3), deterministic losses.
 - `diversity`: creative diversity of story continuations: per-input (k samples of one prompt) and across-input
   (one sample per prompt) distinct-n, EAD, self-BLEU, Ent-n, sampled-token entropy, novelty against the training
@@ -101,6 +103,18 @@ def perplexity(ctx: EvalContext) -> dict:
   n = int(scalars["eval/tokens"])
   return {"loss": Metric(scalars["eval/nll"], n), "perplexity": Metric(scalars["eval/perplexity"], n),
           "accuracy": Metric(scalars["eval/accuracy"], n)}
+
+
+@register("stage")
+def stage_metrics(ctx: EvalContext) -> dict:
+  from llmstages import train
+  tctx = ctx.train_ctx
+  tctx.tokenizer = ctx.tokenizer
+  tctx.load_frozen(ctx.workdir)
+  with tctx.activate():
+    scalars = train.evaluate(tctx, tctx.jit_eval_step(), ctx.stage_params, ctx.tokenizer)
+  n = int(scalars.pop("eval/count", scalars.pop("eval/tokens", 0)))
+  return {key.split("/", 1)[1]: Metric(value, n) for key, value in scalars.items()}
 
 
 def _bios_info(ctx: EvalContext) -> dict:

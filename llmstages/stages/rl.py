@@ -137,7 +137,7 @@ def group_advantages(rewards_R: np.ndarray, group_size: int, eps: float) -> tupl
   mean = r.mean(axis=1, keepdims=True)
   std = r.std(axis=1, ddof=1, keepdims=True) if group_size > 1 else np.zeros_like(mean)
   flat = np.all(r == r[:, :1], axis=1)
-  adv = np.where(flat[:, None], 0.0, (r - mean) / (std + eps))
+  adv = np.where(flat[:, None], 0.0, (r - mean) / np.where(flat[:, None], 1.0, std + eps))
   return adv.reshape(-1).astype(np.float32), flat
 
 

@@ -1,0 +1,363 @@
+"""Post-training stages: identities (DPO = log 2, GRPO zero advantage, GAE, SFT masking, accumulation), errors,
+and direction on tiny models trained from files (SFT fits, reward model and DPO beat chance on held-out pairs, GRPO
+raises arithmetic reward, PPO raises the reward model's score)."""
+
+import json
+import math
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmstages import config as config_lib
+from llmstages import losses, pipeline, rewards, stages, train
+from llmstages.model import Decoder
+from llmstages.stages import preference, rl
+from tests.helpers import init_params, one_device_mesh, packed_batch, read_metrics, tiny
+
+
+def pair_batch(b=4, length=16, vocab=64, seed=0):
+  """Preference pairs: a shared prompt (no loss), then different completions of different lengths."""
+  rng = np.random.default_rng(seed)
+  prompt_len = rng.integers(3, 7, b)
+  shared = rng.integers(4, vocab, (b, length + 1))
+  pos = np.arange(length)[None, :]
+  out = {}
+  for side in preference.SIDES:
+    tokens = np.where(np.arange(length + 1)[None, :] < prompt_len[:, None], shared,
+                      rng.integers(4, vocab, (b, length + 1)))
+    ends = rng.integers(prompt_len + 2, length + 1)
+    real = pos < ends[:, None]
+    out[side] = {"inputs": (tokens[:, :-1] * real).astype(np.int32), "targets": (tokens[:, 1:] * real).astype(np.int32),
+                 "loss_mask": ((pos >= prompt_len[:, None] - 1) & real).astype(np.float32),
+                 "segment_ids": real.astype(np.int32), "positions": (pos * real).astype(np.int32)}
+  return out
+
+
+def dpo_stage(**dpo):
+  scfg = config_lib.stage_config("dpo", init_from="sft")
+  scfg.dpo.update(dpo)
+  return stages.get("dpo", scfg)
+
+
+def with_reference(model, params, pair):
+  lp = preference.sequence_logprobs(model, params, preference._both(pair))
+  b = lp.shape[0] // 2
+  return {**pair, "ref_chosen": lp[:b], "ref_rejected": lp[b:]}
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_dpo_loss_is_log2_when_policy_is_reference(label_smoothing):
+  cfg = tiny()
+  model, params = Decoder(cfg), init_params(cfg, seed=1)
+  batch = with_reference(model, params, pair_batch())
+  loss_sum, count, metrics = dpo_stage(label_smoothing=label_smoothing).loss(model, params, batch, None, None, False)
+  assert count == 4
+  np.testing.assert_allclose(loss_sum / count, math.log(2), rtol=1e-6)
+  assert metrics["margin"] == 0 and metrics["correct"] == 0
+
+
+def test_ipo_loss_at_reference_and_dpo_loss_direction():
+  cfg = tiny()
+  model, params = Decoder(cfg), init_params(cfg, seed=1)
+  batch = with_reference(model, params, pair_batch())
+  loss_sum, count, _ = dpo_stage(loss="ipo", beta=0.5).loss(model, params, batch, None, None, False)
+  np.testing.assert_allclose(loss_sum / count, 1.0, rtol=1e-6)  # (0 - 1 / (2 * 0.5))^2
+  delta = jnp.array([-1.0, 0.0, 1.0])
+  np.testing.assert_allclose(preference.dpo_loss(delta, 0.1), -jax.nn.log_sigmoid(0.1 * delta), rtol=1e-6)
+  np.testing.assert_allclose(preference.dpo_loss(delta, 0.1, 0.1),
+                             -0.9 * jax.nn.log_sigmoid(0.1 * delta) - 0.1 * jax.nn.log_sigmoid(-0.1 * delta))
+
+
+def test_reward_loss_is_log2_with_a_fresh_head():
+  cfg = tiny()
+  model = Decoder(cfg, score_head=True)
+  params = jax.tree.map(jnp.asarray, train._init_params(model, jax.random.key(0)))
+  loss_sum, count, metrics = stages.get("reward").loss(model, params, pair_batch(), None, None, False)
+  np.testing.assert_allclose(loss_sum / count, math.log(2), rtol=1e-6)  # Zero-initialized head: equal scores.
+
+
+def grpo_stage(kl_coef):
+  scfg = config_lib.stage_config("grpo", init_from="sft")
+  scfg.rl.kl_coef = kl_coef
+  return stages.get("grpo", scfg)
+
+
+def rollout_batch(model, params, seed=0, b=8):
+  batch = packed_batch(batch=b, length=16, vocab=64, seed=seed, docs_per_row=1)
+  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  logp = losses.token_logprobs(logits, batch["targets"]) * batch["loss_mask"]
+  return {**batch, "old_logp": logp, "ref_logp": logp}
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.04])
+def test_grpo_equal_rewards_give_zero_advantage_and_gradient(kl_coef):
+  rewards_R = np.array([0.5] * 4 + [1.0] * 4)
+  adv, flat = rl.group_advantages(rewards_R, 4, 1e-4)
+  assert np.all(adv == 0) and flat.tolist() == [True, True]
+  cfg = tiny()
+  model, params = Decoder(cfg), init_params(cfg, seed=2)
+  batch = {**rollout_batch(model, params), "advantages": jnp.asarray(adv)}
+  stage = grpo_stage(kl_coef)
+  grads = jax.grad(lambda p: stage.loss(model, p, batch, None, None, False)[0])(params)
+  worst = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
+  assert worst == 0.0 if kl_coef == 0 else worst < 1e-6
+  # A group with different rewards does get a gradient.
+  adv2, _ = rl.group_advantages(np.array([0.0, 1.0, 0.0, 0.0] + [1.0] * 4), 4, 1e-4)
+  batch2 = {**batch, "advantages": jnp.asarray(adv2)}
+  grads2 = jax.grad(lambda p: stage.loss(model, p, batch2, None, None, False)[0])(params)
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads2)) > 1e-4
+
+
+def test_grpo_groups_follow_prompt_order():
+  # Rows are prompt-major (the sampler's order): rows 0-2 are prompt 0's samples, rows 3-5 prompt 1's, ...
+  rewards_R = np.array([1.0, 1.0, 1.0, 0.0, 1.0, 2.0, 3.0, 3.0, 3.0])
+  adv, flat = rl.group_advantages(rewards_R, 3, 0.0)
+  assert flat.tolist() == [True, False, True]
+  np.testing.assert_allclose(adv, [0, 0, 0, -1, 0, 1, 0, 0, 0], atol=1e-6)  # (r - 1) / std(ddof=1) = r - 1.
+  from llmstages.sampler import Sampler
+  cfg = tiny(max_seq_len=64)
+  samples = Sampler(cfg, eos_id=2, pad_id=0).generate(init_params(cfg), [[1, 5], [1, 6, 7], [1, 8]],
+                                                      max_new_tokens=3, temperature=1.0, num_samples=3)
+  assert samples.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def gae_loop(rewards_BxL, values_BxL, mask_BxL, gamma, lam):
+  adv, ret = np.zeros_like(rewards_BxL), np.zeros_like(rewards_BxL)
+  for b in range(rewards_BxL.shape[0]):
+    next_value, next_adv = 0.0, 0.0
+    for t in reversed(range(rewards_BxL.shape[1])):
+      if not mask_BxL[b, t]:
+        continue
+      delta = rewards_BxL[b, t] + gamma * next_value - values_BxL[b, t]
+      next_adv = delta + gamma * lam * next_adv
+      next_value = values_BxL[b, t]
+      adv[b, t], ret[b, t] = next_adv, next_adv + values_BxL[b, t]
+  return adv, ret
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8)])
+def test_gae_equals_a_python_loop_with_masked_steps(gamma, lam):
+  rng = np.random.default_rng(0)
+  r, v = rng.normal(size=(3, 12)).astype(np.float32), rng.normal(size=(3, 12)).astype(np.float32)
+  mask = np.zeros((3, 12), np.float32)
+  mask[0, 4:10] = 1  # Prompt before, padding after.
+  mask[1, 2:12] = 1
+  mask[1, 6] = 0  # A masked step inside the completion is skipped, not a boundary.
+  mask[2, 5:6] = 1  # One token.
+  adv, ret = rl.gae(jnp.asarray(r), jnp.asarray(v), jnp.asarray(mask), gamma, lam)
+  ref_adv, ref_ret = gae_loop(r, v, mask, gamma, lam)
+  np.testing.assert_allclose(adv, ref_adv, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_loss_and_gradient_ignore_prompt_labels():
+  cfg = tiny()
+  model, params = Decoder(cfg), init_params(cfg, seed=3)
+  batch = packed_batch(batch=4, length=16, vocab=64, seed=4)
+  batch["loss_mask"][:, :6] = 0  # The prompt.
+  changed = {**batch, "targets": np.where(batch["loss_mask"] > 0, batch["targets"], (batch["targets"] + 7) % 64)}
+  assert not np.array_equal(changed["targets"], batch["targets"])
+  stage = stages.get("sft")
+
+  def loss_and_grad(b):
+    return jax.value_and_grad(lambda p: stage.loss(model, p, b, None, None, False)[0])(params)
+  (l1, g1), (l2, g2) = loss_and_grad(batch), loss_and_grad(changed)
+  assert l1 == l2
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), g1, g2)
+
+
+def _tiny_stage_config(name, **kw):
+  c = config_lib.base_config()
+  c.model.update(dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                      max_seq_len=64))
+  c.stages = (name,)
+  c[name] = config_lib.stage_config(name, steps=4, batch_size=8, seq_len=16, warmup_steps=0, init_from="x", **kw)
+  return config_lib.finalize(c)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "grpo", "ppo"])
+def test_micro_batched_accumulation_equals_the_full_batch(kind):
+  outs = []
+  for accum in (1, 4):
+    cfg = _tiny_stage_config(kind, grad_accum=accum)
+    ctx = train.build_context(cfg, kind, mesh=one_device_mesh())
+    state = ctx.init_state()
+    lm = {k: v for k, v in state.params.items() if k != "score_head"}
+    if kind == "dpo":
+      batch = with_reference(ctx.lm_model, lm, pair_batch(b=8, seed=5))
+    else:
+      batch = rollout_batch(ctx.lm_model, lm, seed=5)
+      batch["loss_mask"][0, 3:] = 0  # Unequal token counts per micro-batch.
+      rng = np.random.default_rng(6)
+      if kind == "grpo":
+        batch["advantages"] = rng.normal(size=(8,)).astype(np.float32)
+      else:
+        for k in ("advantages", "returns", "old_values"):
+          batch[k] = rng.normal(size=(8, 16)).astype(np.float32) * batch["loss_mask"]
+      batch["old_logp"] = batch["old_logp"] + 0.1 * batch["loss_mask"]  # Ratios away from 1: clipping is active.
+    with ctx.activate():
+      new, metrics = ctx.jit_train_step()(state, batch, ctx.dyn_at(0))
+    outs.append((jax.device_get(new.params), jax.device_get(metrics)))
+  (p1, m1), (p4, m4) = outs
+  assert m1["count"] == m4["count"]
+  np.testing.assert_allclose(m1["loss_sum"], m4["loss_sum"], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
+
+
+def test_a_raising_reward_function_names_the_stage_and_item():
+  @rewards.register("test_raises")
+  def boom(completion, prompt):
+    raise KeyError("no such field")
+  prompt = rewards.Prompt(text="What is 1 + 2?", kind="arith", answer="3", meta={}, source="file:x.jsonl", index=7)
+  with pytest.raises(rewards.RewardError, match=r"stage grpo: reward function 'test_raises' raised KeyError.*record 7"):
+    rewards.score(("arith", "test_raises"), " 3", prompt, "stage grpo")
+  assert rewards.score(("arith", "facts"), "Answer: 3", prompt, "s") == {"arith": 1.0, "facts": None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Direction: tiny models trained by the real loop on generated files.
+
+GOOD = ["apple", "amber", "arrow", "atlas", "acorn", "anchor", "angel", "ash"]
+BAD = ["zebra", "zinc", "zone", "zero", "zeal", "zest", "zigzag", "zoom"]
+
+
+def _write_jsonl(path, rows):
+  with open(path, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  return f"file:{path}"
+
+
+def _pairs(rng, n, combos=None, template="Pick one: {} or {}?"):
+  combos = combos or [(a, b) for a in GOOD for b in BAD]
+  rows = []
+  for _ in range(n):
+    a, b = rng.choice(combos)
+    options = [a, b] if rng.random() < 0.5 else [b, a]
+    rows.append({"prompt": template.format(*options), "completion": f" {a}.", "rejected": f" {b}."})
+  return rows
+
+
+@pytest.fixture(scope="module")
+def direction_run(tmp_path_factory):
+  """fit (15 of 25 sums) -> grpo (all 25 sums, arith reward); sft (sums + pair prompts) -> reward, dpo, ppo."""
+  d = tmp_path_factory.mktemp("post")
+  rng = random.Random(0)
+  sums = [(a, b) for a in range(5) for b in range(5)]
+  # SFT: 15 of the 25 sums, and the pair prompts answered with the word named first: as often the rejected one
+  # as the chosen one, so preference stages have room to act, yet deterministic, so SFT can fit it.
+  seen = rng.sample(sums, 15)
+  sum_rows = [{"prompt": f"What is {a} + {b}?", "completion": f" {a + b}"} for a, b in seen]
+  fit = _write_jsonl(d / "fit.jsonl", sum_rows)
+  sft = _write_jsonl(d / "sft.jsonl", sum_rows + [{"prompt": row["prompt"], "completion": " " + row["prompt"].split()[2] + "."}
+                                                  for row in _pairs(rng, 40)])
+  combos = [(a, b) for a in GOOD for b in BAD]
+  rng.shuffle(combos)
+  prefs = _write_jsonl(d / "prefs.jsonl", _pairs(rng, 200, combos[16:]))
+  held_out = _write_jsonl(d / "held_out.jsonl", _pairs(rng, 64, combos[:16]))  # Word pairs no training pair has.
+  arith = _write_jsonl(d / "arith.jsonl", [{"prompt": f"What is {a} + {b}?", "completion": f" {a + b}"}
+                                           for a, b in sums])
+  c = config_lib.base_config()
+  c.data.dir = str(d / "data")
+  c.model.update(dict(vocab_size=320, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
+                      max_seq_len=64))
+  c.stages = ("fit", "sft", "reward", "dpo", "grpo", "ppo")
+  common = dict(batch_size=16, seq_len=32, warmup_steps=2, log_every=1, eval_every=0, checkpoint_every=100,
+                eval_steps=4)
+  c.fit = config_lib.stage_config("fit", kind="sft", steps=200, learning_rate=3e-3, data=fit, **common)
+  c.sft = config_lib.stage_config("sft", steps=250, learning_rate=3e-3, data=sft, **common)
+  c.fit.reg.weight_decay = c.sft.reg.weight_decay = 0.0
+  c.reward = config_lib.stage_config("reward", steps=40, learning_rate=3e-3, data=prefs, eval_data=held_out,
+                                     init_from="sft", **common)
+  c.dpo = config_lib.stage_config("dpo", steps=80, learning_rate=1e-3, data=prefs, eval_data=held_out,
+                                  init_from="sft", **common)
+  c.grpo = config_lib.stage_config("grpo", steps=40, learning_rate=1e-3, data=arith, init_from="fit",
+                                   **{**common, "batch_size": 64})
+  c.grpo.rl.update(dict(num_generations=8, max_new_tokens=4, rewards=("arith",)))
+  c.ppo = config_lib.stage_config("ppo", steps=30, learning_rate=1e-3, data=prefs, init_from="sft", **common)
+  c.ppo.rl.update(dict(num_generations=4, max_new_tokens=4, reward_from="reward"))
+  c = config_lib.finalize(c)
+  workdir = str(d / "run")
+  pipeline.run(c, workdir, mesh=one_device_mesh())
+  return c, workdir
+
+
+def _stage_eval(cfg, workdir, stage, params_from):
+  """The stage's held-out metrics (its own `evaluate`) with the final parameters of stage `params_from`."""
+  ctx = train.build_context(cfg, stage, mesh=one_device_mesh())
+  ctx.tokenizer = train.tokenizer_for(cfg)
+  ctx.load_frozen(workdir)
+  params = train.load_final_params(workdir, params_from, ctx.abstract_state.params,
+                                   with_head=ctx.stage.score_head and params_from == stage)
+  with ctx.activate():
+    if set(params) != set(ctx.abstract_state.params):  # A fresh head on the starting LM.
+      params = ctx.init_state(params=params).params
+    return train.evaluate(ctx, ctx.jit_eval_step(), params, ctx.tokenizer)
+
+
+def test_sft_fits_a_handful_of_examples(direction_run):
+  cfg, workdir = direction_run
+  loss = read_metrics(workdir, "fit", "train/loss")  # A stage of kind sft on 15 prompt -> completion pairs.
+  assert loss[1] > 2.0 and loss[200] < 0.05, (loss[1], loss[200])
+
+
+def test_reward_model_beats_chance_on_held_out_pairs(direction_run):
+  cfg, workdir = direction_run
+  start, end = _stage_eval(cfg, workdir, "reward", "sft"), _stage_eval(cfg, workdir, "reward", "reward")
+  assert start["eval/accuracy"] == 0.0  # Zero-initialized head: every pair ties.
+  assert end["eval/accuracy"] >= 0.8 and end["eval/margin"] > 0, end
+
+
+def test_dpo_starts_at_log2_and_raises_held_out_preference_accuracy(direction_run):
+  cfg, workdir = direction_run
+  np.testing.assert_allclose(read_metrics(workdir, "dpo", "train/loss")[1], math.log(2), rtol=1e-6)
+  start, end = _stage_eval(cfg, workdir, "dpo", "sft"), _stage_eval(cfg, workdir, "dpo", "dpo")
+  assert start["eval/margin"] == 0.0 and start["eval/accuracy"] == 0.0  # Policy = reference.
+  assert end["eval/accuracy"] >= 0.8 and end["eval/margin"] > 0, end
+
+
+def test_grpo_raises_arithmetic_reward_above_its_sft_start(direction_run):
+  cfg, workdir = direction_run
+  start, end = _stage_eval(cfg, workdir, "grpo", "sft"), _stage_eval(cfg, workdir, "grpo", "grpo")
+  assert end["eval/reward"] > start["eval/reward"] + 0.1, (start["eval/reward"], end["eval/reward"])
+  assert 0.0 <= read_metrics(workdir, "grpo", "train/frac_zero_std")[40] <= 1.0
+
+
+def test_ppo_raises_the_reward_model_score(direction_run):
+  cfg, workdir = direction_run
+  start, end = _stage_eval(cfg, workdir, "ppo", "sft"), _stage_eval(cfg, workdir, "ppo", "ppo")
+  assert end["eval/reward"] > start["eval/reward"] + 0.1, (start["eval/reward"], end["eval/reward"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors.
+
+def test_missing_init_from_or_frozen_model_names_the_stage(tmp_path):
+  cfg = _tiny_stage_config("dpo")
+  with pytest.raises(ValueError, match=r"config.dpo.init_from='x': that stage neither runs before 'dpo'.*nor has a "
+                     r"final checkpoint"):
+    pipeline.run(cfg, str(tmp_path), mesh=one_device_mesh())
+  c = config_lib.base_config()
+  c.stages = ("sft", "ppo")
+  c.sft = config_lib.stage_config("sft")
+  c.ppo = config_lib.stage_config("ppo", init_from="sft")
+  with pytest.raises(ValueError, match=r"config.ppo: its reward model, stage 'reward', neither runs before 'ppo'"):
+    pipeline.run(config_lib.finalize(c), str(tmp_path), mesh=one_device_mesh())
+
+
+def test_empty_completion_in_a_preference_set_names_stage_and_item(tmp_path):
+  rows = _pairs(random.Random(1), 8, GOOD, BAD)
+  rows[3]["rejected"] = "  "
+  prefs = _write_jsonl(tmp_path / "prefs.jsonl", rows)
+  c = config_lib.base_config()
+  c.data.dir = str(tmp_path / "data")
+  c.model.update(dict(vocab_size=320, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, mlp_dim=32,
+                      max_seq_len=32))
+  c.stages = ("reward",)
+  c.reward = config_lib.stage_config("reward", steps=2, batch_size=8, seq_len=32, data=prefs, eval_every=0)
+  with pytest.raises(train.TrainingError, match=r"stage reward: bad train data: .*record 3 .*empty rejected"):
+    pipeline.run(config_lib.finalize(c), str(tmp_path / "run"), mesh=one_device_mesh())
