@@ -71,12 +71,13 @@ def build(opts: set[str]):
   c.eval.update(dict(bios=bios, arith="arith_scratchpad", stories=stories, num_prompts=32, samples=4,
                      pass_k=(1, 4), story_tokens=96, perplexity_data=pretraining))
   if quick:
-    steps = dict(pretrain=600, cpt=150, sft=150, instruct=200, reward=80, dpo=80, ppo=30, grpo=30)
+    steps = dict(pretrain=500, cpt=100, sft=100, instruct=120, reward=40, dpo=40, ppo=20, grpo=20)
     for name, s in steps.items():
       c[name].steps = s
       c[name].eval_every = s
       c[name].checkpoint_every = s
-    c.eval.update(dict(num_prompts=24))
+    c.cpt.evals = facts_and_stories  # Capacity once, after pretraining: it re-reads the whole bios corpus.
+    c.eval.update(dict(num_prompts=16))
   if smoke:
     c.model.update(dict(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64))
     for name in ("pretrain", "cpt", "sft", "instruct", "reward", "dpo", "ppo", "grpo"):

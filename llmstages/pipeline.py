@@ -62,4 +62,34 @@ def run(config, workdir: str, mesh=None) -> list[dict]:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "pipeline.json"), "w") as f:
       json.dump({"stages": list(config.stages), "results": results}, f, indent=2)
+    table = results_table(workdir, config.stages)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(table + "\n")
+    print(f"Results ({os.path.join(workdir, 'results.md')}):\n{table}", flush=True)
   return results
+
+
+# Headline metrics of the results table: (column, eval.json key, key of a fallback such as maj@k with another k).
+HEADLINE = (("held-out loss", "perplexity/loss"), ("memorized facts", "bios_facts/memorization/mean_greedy"),
+            ("QA train", "bios_facts/qa_train/greedy"), ("QA test", "bios_facts/qa_test/greedy"),
+            ("arith greedy", "arith/greedy"), ("arith maj@k", "arith/maj@"), ("story EAD", "diversity/per_input/ead"),
+            ("story valid", "diversity/validity"), ("bits/param", "capacity/R"),
+            ("pref. acc.", "stage/accuracy"), ("reward", "stage/reward"))
+
+
+def results_table(workdir: str, stages) -> str:
+  """A Markdown table of each stage's headline metrics (from <stage>/eval.json); '-' where a stage lacks one."""
+  rows = []
+  for name in stages:
+    path = os.path.join(workdir, name, "eval.json")
+    metrics = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        metrics = json.load(f)["metrics"]
+    cells = []
+    for _, key in HEADLINE:
+      found = [k for k in sorted(metrics) if k == key or (key.endswith("@") and k.startswith(key))]
+      cells.append(f"{metrics[found[0]]['value']:.3g}" if found else "-")
+    rows.append(f"| {name} | " + " | ".join(cells) + " |")
+  header = "| stage | " + " | ".join(c for c, _ in HEADLINE) + " |"
+  return "\n".join([header, "|" + " --- |" * (len(HEADLINE) + 1)] + rows)

@@ -131,8 +131,9 @@ def test_sweep_helpers_build_plain_lists():
 
 
 def test_registry_lists_every_experiment_and_smoke_shrinks_it():
-  assert {"dropout_vs_facts", "capacity", "augmentation_extraction"} <= set(X.names())
-  for name in ("dropout_vs_facts", "capacity", "augmentation_extraction"):
+  shipped = ("dropout_vs_facts", "capacity", "augmentation_extraction", "late_dropout", "alignment_diversity")
+  assert set(shipped) <= set(X.names())
+  for name in shipped:
     full, smoke = X.load(name), X.load(f"{name}:smoke")
     assert full.metrics and all("/" in m for m in full.metrics)
     assert len(smoke.runs()) <= 4 < len(full.runs())

@@ -1,0 +1,47 @@
+r"""Alignment and diversity: story diversity, maj@k and pass@k after SFT, instruction tuning, DPO or PPO, and GRPO.
+
+  python -m llmstages.sweep --experiment=alignment_diversity --workdir=/tmp/sweeps/alignment_diversity --workers=2
+  python -m llmstages.compare /tmp/sweeps/alignment_diversity --out=experiments/results/alignment_diversity.md
+
+Base: configs/quickstart.py, all seven stages. Two routes share pretrain -> cpt -> sft -> instruct -> reward and
+differ in the preference stage: 'dpo' (DPO, then GRPO from it) and 'ppo' (PPO-RLHF against the reward model, then
+GRPO from it). The stage-trajectory plot of `compare` shows each metric after each stage. Expected
+(RESEARCH.md): RL and DPO lower per-input diversity (Kirk et al. 2024); RL raises maj@k more than pass@k
+(DeepSeekMath); the base model can win at large k (Yue et al. 2025). 2 routes x 3 seeds = 6 runs of seven stages
+(an estimate: about 10 minutes each on the 2-core CPU; not run yet).
+
+`:smoke` runs both routes x 2 seeds of the quickstart smoke model.
+"""
+
+from llmstages import experiments as X
+
+METRICS = (
+    "diversity/per_input/ead",
+    "diversity/per_input/distinct_2",
+    "diversity/per_input/self_bleu4",
+    "arith/greedy",
+    "arith/maj@4",
+    "arith/pass@4",
+    "bios_facts/qa_train/maj@4",
+    "bios_facts/qa_train/pass@4",
+)
+PARETO = ("diversity/per_input/ead", "arith/maj@4")
+BASELINE = "dpo"
+
+
+def _smoke(arg: str) -> bool:
+  opts = set(filter(None, arg.split(",")))
+  if opts - {"smoke"}:
+    raise ValueError(f"experiments/alignment_diversity.py: unknown arg(s) {sorted(opts - {'smoke'})}; known: smoke")
+  return "smoke" in opts
+
+
+def get_config(arg: str = ""):
+  return X.config_file("quickstart.py", "smoke" if _smoke(arg) else "")
+
+
+def get_sweep(arg: str = ""):
+  common = ("pretrain", "cpt", "sft", "instruct", "reward")
+  settings = [X.setting("dpo", {"stages": common + ("dpo", "grpo"), "grpo.init_from": "dpo"}),
+              X.setting("ppo", {"stages": common + ("ppo", "grpo"), "grpo.init_from": "ppo"})]
+  return X.product(settings, X.seeds(2 if _smoke(arg) else 3))

@@ -1,0 +1,45 @@
+r"""Late dropout: dropout on or off in the last fine-tuning stage only (instruction tuning), everything else equal.
+
+  python -m llmstages.sweep --experiment=late_dropout --workdir=/tmp/sweeps/late_dropout --workers=2
+  python -m llmstages.compare /tmp/sweeps/late_dropout --out=experiments/results/late_dropout.md
+
+Base: configs/quickstart.py up to and including `instruct` (pretrain -> cpt -> sft -> instruct), no dropout
+anywhere, then dropout 0.1 at every site in `instruct` only ('late') vs none ('off'). Prior evidence (RESEARCH.md):
+T5 1.1 and PaLM pretrain without dropout and fine-tune with 0.1; the question here is whether late dropout keeps
+pretrained facts (QA exact match) or diversity (EAD) better than fine-tuning without it. 2 settings x 3 seeds = 6
+runs of four stages (an estimate: about 6 minutes each on the 2-core CPU; not run yet).
+
+`:smoke` runs both settings x 2 seeds of the quickstart smoke model.
+"""
+
+from llmstages import experiments as X
+
+STAGES = ("pretrain", "cpt", "sft", "instruct")
+METRICS = (
+    "bios_facts/qa_train/greedy",
+    "bios_facts/qa_test/greedy",
+    "arith/greedy",
+    "diversity/per_input/ead",
+    "diversity/across_input/distinct_2",
+    "perplexity/loss",
+)
+PARETO = ("diversity/per_input/ead", "bios_facts/qa_train/greedy")
+BASELINE = "off"
+
+
+def _smoke(arg: str) -> bool:
+  opts = set(filter(None, arg.split(",")))
+  if opts - {"smoke"}:
+    raise ValueError(f"experiments/late_dropout.py: unknown arg(s) {sorted(opts - {'smoke'})}; known: smoke")
+  return "smoke" in opts
+
+
+def get_config(arg: str = ""):
+  c = X.config_file("quickstart.py", "smoke" if _smoke(arg) else "")
+  c.stages = STAGES
+  return c
+
+
+def get_sweep(arg: str = ""):
+  settings = [X.setting("off", {"instruct.reg.dropout": 0.0}), X.setting("late", {"instruct.reg.dropout": 0.1})]
+  return X.product(settings, X.seeds(2 if _smoke(arg) else 3))
