@@ -111,6 +111,7 @@ def rl_config(kind: str) -> ml_collections.ConfigDict:
   r.top_p = 1.0
   r.kl_coef = 0.04 if kind == "grpo" else 0.05  # GRPO: k3 in the loss; PPO: k1 per token in the reward.
   r.clip_eps = 0.2
+  r.updates_per_rollout = 1 if kind == "grpo" else 2  # Optimizer steps per rollout batch (PPO epochs).
   r.kinds = ()  # Prompt kinds kept (e.g. ('arith',)); () keeps all.
   r.reference = ""  # Frozen reference stage; '' = init_from.
   # GRPO: reward functions (llmstages.rewards); a sample's reward is the sum of those that apply to its prompt.

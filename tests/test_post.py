@@ -350,7 +350,7 @@ def test_missing_init_from_or_frozen_model_names_the_stage(tmp_path):
 
 
 def test_empty_completion_in_a_preference_set_names_stage_and_item(tmp_path):
-  rows = _pairs(random.Random(1), 8, GOOD, BAD)
+  rows = _pairs(random.Random(1), 8)
   rows[3]["rejected"] = "  "
   prefs = _write_jsonl(tmp_path / "prefs.jsonl", rows)
   c = config_lib.base_config()
@@ -361,3 +361,13 @@ def test_empty_completion_in_a_preference_set_names_stage_and_item(tmp_path):
   c.reward = config_lib.stage_config("reward", steps=2, batch_size=8, seq_len=32, data=prefs, eval_every=0)
   with pytest.raises(train.TrainingError, match=r"stage reward: bad train data: .*record 3 .*empty rejected"):
     pipeline.run(config_lib.finalize(c), str(tmp_path / "run"), mesh=one_device_mesh())
+
+
+def test_ppo_reuses_each_rollout_for_updates_per_rollout_steps(direction_run):
+  cfg, workdir = direction_run
+  assert cfg.ppo.rl.updates_per_rollout == 2
+  kl = read_metrics(workdir, "ppo", "train/approx_kl")
+  reward = read_metrics(workdir, "ppo", "train/reward")
+  assert kl[3] < 1e-6 and kl[5] < 1e-6  # Fresh rollouts: the policy that sampled is the one being trained.
+  assert kl[4] > 1e-6 and kl[6] > 1e-6  # Reused: one update later the ratio is off 1 (step 1 has lr 0: warmup).
+  assert 1 in reward and 3 in reward and 2 not in reward  # Rollout metrics are logged where the rollout was made.

@@ -17,6 +17,11 @@ token reward -kl_coef * (logp_old - ref) and, at the last completion token, the 
 the whole sequence; GAE(gamma, lambda) over completion tokens; advantages whitened over the batch; clipped
 policy loss; value loss 0.5 * max((V - R)^2, (clip(V, V_old +- value_clip) - R)^2) weighted by vf_coef.
 
+`rl.updates_per_rollout` = k: a rollout batch serves k consecutive optimizer steps (PPO's epochs; GRPO's
+num_iterations). With k = 1 the ratio is 1 at every step and the clipped objective is the plain policy gradient.
+The prompt iterator still advances every step. A run resumed mid-cycle samples a fresh rollout at the resumed step
+(so it matches an uninterrupted run only when checkpoint_every is a multiple of k).
+
 The reference model's pass is skipped when kl_coef is 0. The sampler and every log-prob pass run without dropout;
 the policy's gradient pass uses the stage's `reg` block (all off by default). RL stages run in one process.
 """
@@ -207,8 +212,25 @@ class RolloutStage(Stage):
     if rl.num_generations < 1 or scfg.batch_size % rl.num_generations:
       raise ValueError(f"{self.where}.batch_size={scfg.batch_size} must be a multiple of "
                        f"rl.num_generations={rl.num_generations} (rows = prompts x generations)")
+    if rl.updates_per_rollout < 1:
+      raise ValueError(f"{self.where}.rl.updates_per_rollout must be >= 1, got {rl.updates_per_rollout}")
     if rl.max_new_tokens >= scfg.seq_len:
       raise ValueError(f"{self.where}.rl.max_new_tokens={rl.max_new_tokens} must be below seq_len={scfg.seq_len}")
+
+  def prepare(self, ctx, params, prompts, step, split):
+    """A fresh rollout batch every `rl.updates_per_rollout` training steps, reused (with its old log-probs and
+    advantages) by the steps in between, so the ratio moves away from 1 and clipping acts; host metrics are
+    reported on the step that made the rollout. Evaluation always samples afresh."""
+    k = ctx.scfg.rl.updates_per_rollout
+    if split != "train" or k == 1:
+      return self.make_experience(ctx, params, prompts, step, split)
+    start = step - step % k
+    cached = ctx.cache.get("rollout")
+    if cached is not None and cached[0] == start:
+      return cached[1], {}
+    batch, host = self.make_experience(ctx, params, prompts, step, split)
+    ctx.cache["rollout"] = (start, batch)
+    return batch, host
 
   def reference_stage(self, scfg) -> str:
     ref = scfg.rl.reference or scfg.init_from
@@ -329,7 +351,7 @@ class GRPO(RolloutStage):
                                              sharding=partitioning.batch_sharding(ctx.mesh))
     return out
 
-  def prepare(self, ctx, params, prompts, step, split):
+  def make_experience(self, ctx, params, prompts, step, split):
     rl = ctx.scfg.rl
     rows, replies, prompt_index, stats = self.rollout(ctx, params, prompts, step, split)
     per_fn = {name: [] for name in rl.rewards}
@@ -397,7 +419,7 @@ class PPO(RolloutStage):
       ctx.cache["ppo_experience"] = jax.jit(fn)
     return ctx.cache["ppo_experience"]
 
-  def prepare(self, ctx, params, prompts, step, split):
+  def make_experience(self, ctx, params, prompts, step, split):
     rows, replies, prompt_index, stats = self.rollout(ctx, params, prompts, step, split)
     # The reward model reads each sequence as it read its training pairs: up to the token before the final EOS.
     score_rows = {k: rows[k].copy() for k in ("inputs", "positions", "segment_ids")}
