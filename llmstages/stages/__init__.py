@@ -80,14 +80,19 @@ class Stage:
     return partitioning.global_batch(local_batch, ctx.mesh), {}
 
 
+def apply_model(model, params, batch, dyn, rng, train: bool):
+  """The forward pass every stage's loss makes: the step's regularization rates and dropout RNG when training,
+  deterministic otherwise (eval, reference and log-prob passes)."""
+  return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                     rates=dyn["rates"] if train else None, deterministic=not train,
+                     rngs={"dropout": rng} if train else None)
+
+
 class NextTokenStage(Stage):
   """Next-token prediction on `loss_mask`ed targets: pretraining, continued pretraining, SFT-style data."""
 
   def loss(self, model, params, batch, dyn, rng, train):
-    logits_BxLxV = model.apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-        rates=dyn["rates"] if train else None, deterministic=not train,
-        rngs={"dropout": rng} if train else None)
+    logits_BxLxV = apply_model(model, params, batch, dyn, rng, train)
     smoothing = dyn["loss"]["label_smoothing"] if train else 0.0
     z_loss = dyn["loss"]["z_loss"] if train else 0.0
     return losses.next_token_loss(logits_BxLxV, batch["targets"], batch["loss_mask"], smoothing, z_loss)

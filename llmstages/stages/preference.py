@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmstages import losses, partitioning
-from llmstages.stages import Stage, register
+from llmstages.stages import Stage, apply_model, register
 
 SIDES = ("chosen", "rejected")
 
@@ -65,15 +65,9 @@ def _both(pair):
   return jax.tree.map(lambda c, r: jnp.concatenate([c, r], axis=0), pair["chosen"], pair["rejected"])
 
 
-def _apply(model, params, batch, dyn, rng, train):
-  return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                     rates=dyn["rates"] if train else None, deterministic=not train,
-                     rngs={"dropout": rng} if train else None)
-
-
 def sequence_logprobs(model, params, batch, dyn=None, rng=None, train=False) -> jax.Array:
   """Summed log-probs of each row's loss-masked targets, [B] float32."""
-  logits_BxLxV = _apply(model, params, batch, dyn, rng, train)
+  logits_BxLxV = apply_model(model, params, batch, dyn, rng, train)
   return losses.masked_sum(losses.token_logprobs(logits_BxLxV, batch["targets"]), batch["loss_mask"])
 
 
@@ -84,7 +78,7 @@ def last_token_index(segment_ids_BxL: jax.Array) -> jax.Array:
 
 def final_scores(model, params, batch, dyn=None, rng=None, train=False) -> jax.Array:
   """A scalar-head model's score at each row's last real token, [B]."""
-  _, scores_BxL = _apply(model, params, batch, dyn, rng, train)
+  _, scores_BxL = apply_model(model, params, batch, dyn, rng, train)
   return jnp.take_along_axis(scores_BxL, last_token_index(batch["segment_ids"])[:, None], axis=-1)[:, 0]
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from llmstages import losses, partitioning
 from llmstages import rewards as rewards_lib
 from llmstages.model import HEAD_PARAMS, Decoder, RegSites
-from llmstages.stages import Stage, register
+from llmstages.stages import Stage, apply_model, register
 from llmstages.stages.preference import final_scores
 
 
@@ -327,16 +327,13 @@ class RolloutStage(Stage):
     return ctx.cache[key](params, ctx.frozen, batch)
 
   def policy_pass(self, model, params, batch, dyn, rng, train):
-    out = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                      rates=dyn["rates"] if train else None, deterministic=not train,
-                      rngs={"dropout": rng} if train else None)
+    out = apply_model(model, params, batch, dyn, rng, train)
     logits, values = out if isinstance(out, tuple) else (out, None)
     return logits, losses.token_logprobs(logits, batch["targets"]), values
 
 
 @register("grpo")
 class GRPO(RolloutStage):
-  PER_TOKEN = ("old_logp", "ref_logp")
 
   def validate(self, ctx):
     super().validate(ctx)
