@@ -134,3 +134,21 @@ def test_bad_arguments(data_dir):
         data.source_info("bios(n=10,format=poem)", str(data_dir))
     with pytest.raises(ValueError, match="N0"):
         bios.make_people(dataclasses.replace(bios.BiosConfig(name="x"), n=100, n_first=2, n_middle=2, n_last=2))
+
+
+@pytest.mark.parametrize("fmt", ["simple", "multi_permute", "fullname"])
+def test_memorization_prefixes_are_the_training_text(data_dir, fmt):
+    # bios_facts' memorization prompts: a person's first training biography cut before each value.
+    spec = f"bios({SMALL},format={fmt})"
+    info = data.source_info(spec, str(data_dir))
+    assert info["format"] == fmt and info["seed"] == 0
+    facts = {p["id"]: p for p in info["facts"]}
+    first = {r["meta"]["person"]: r["text"] for r in _records(spec, data_dir, "train") if r["meta"]["variant"] == 0}
+    assert len(first) == 60
+    for pid, text in first.items():
+        person = facts[pid]
+        prefixes = bios.bio_prefixes(person, info["format"], bios.bio_rng(info["seed"], pid, 0))
+        assert set(prefixes) == set(bios.ATTRIBUTES)
+        for attr, prefix in prefixes.items():
+            assert text.startswith(prefix + " " + person[attr]), (attr, prefix, text)
+            assert not prefix.endswith(" ")

@@ -43,6 +43,8 @@ def test_trained_model_recalls_facts_its_untrained_self_does_not(runs):
   (_, before), (_, after) = runs["untrained"], runs["trained"]
   assert before["bios_facts/qa_train/greedy"]["value"] == 0.0
   assert after["bios_facts/qa_train/greedy"]["value"] >= 0.5
+  assert before["bios_facts/memorization/mean_greedy"]["value"] == 0.0
+  assert after["bios_facts/memorization/mean_greedy"]["value"] >= 0.5
   assert after["bios_facts/qa_train/pass@4"]["value"] >= after["bios_facts/qa_train/pass@1"]["value"]
 
 

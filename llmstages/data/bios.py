@@ -245,18 +245,28 @@ def _fill(template: str, person: dict, use_name: bool) -> str:
     return (template.replace("{S}", subject).replace("{P}", possessive).replace("{p}", "his" if he else "her"))
 
 
-def render_bio(person: dict, fmt: str, rng: random.Random) -> str:
-    """One biography of `person` in format `fmt` using randomness from `rng`."""
+def bio_sentences(person: dict, fmt: str, rng: random.Random) -> list[tuple[str, str]]:
+    """(attribute, sentence) pairs of one biography of `person` in format `fmt`, in order, using `rng`."""
     choice = {a: rng.randrange(len(TEMPLATES[a])) for a in ATTRIBUTES}
     order = list(ATTRIBUTES)
     if fmt != "simple":
         rng.shuffle(order)
-    sentences = []
-    for k, attr in enumerate(order):
-        template = TEMPLATES[attr][choice[attr]]
-        sentences.append(_fill(template, person, use_name=(k == 0 or fmt == "fullname")).replace(
-            "{v}", person[attr]))
-    return " ".join(sentences)
+    return [(attr, _fill(TEMPLATES[attr][choice[attr]], person, use_name=(k == 0 or fmt == "fullname")))
+            for k, attr in enumerate(order)]
+
+
+def render_bio(person: dict, fmt: str, rng: random.Random) -> str:
+    """One biography of `person` in format `fmt` using randomness from `rng`."""
+    return " ".join(s.replace("{v}", person[attr]) for attr, s in bio_sentences(person, fmt, rng))
+
+
+def bio_prefixes(person: dict, fmt: str, rng: random.Random) -> dict[str, str]:
+    """attribute -> the biography `render_bio(person, fmt, rng)` up to that attribute's value (no trailing space)."""
+    out, done = {}, []
+    for attr, sentence in bio_sentences(person, fmt, rng):
+        out[attr] = " ".join(done + [sentence.split("{v}", 1)[0]]).rstrip()
+        done.append(sentence.replace("{v}", person[attr]))
+    return out
 
 
 def bio_rng(seed: int, person_id: int, variant: int) -> random.Random:
@@ -344,7 +354,8 @@ def check_bio(text: str, person: dict) -> list[str]:
 class LlmstagesBios(corpus.CorpusBuilder):
     """Synthetic biographies and QA pairs (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "metadata names the format and seed (evaluators re-render training biographies)"}
     CONFIG_CLASS = BiosConfig
     SPLITS = ("train", "validation", "new", "qa_train", "qa_test", "qa_new", "qa_unseen")
     DESCRIPTION = __doc__
@@ -397,7 +408,7 @@ def bios_info(cfg: BiosConfig, people: list[dict] | None = None) -> dict:
     n0 = cfg.n_first * cfg.n_middle * cfg.n_last
     s0 = math.prod(counts.values())
     return {
-        "corpus": "bios", "N": cfg.n, "N0": n0, "S0": s0,
+        "corpus": "bios", "N": cfg.n, "N0": n0, "S0": s0, "format": cfg.format, "seed": cfg.seed,
         "log2_N0": float(np.log2(n0)), "log2_S0": float(sum(np.log2(v) for v in counts.values())),
         "value_counts": counts, **{k: v for k, v in resolved_counts(cfg).items() if k != "n"},
         "attributes": list(ATTRIBUTES), "bit_attributes": list(BIT_ATTRIBUTES),

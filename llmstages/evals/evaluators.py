@@ -1,9 +1,9 @@
 """The evaluators (see RESEARCH.md for every definition). Settings come from `config.eval`.
 
 - `perplexity`: held-out loss and perplexity of the stage's eval mixture.
-- `bios_facts`: exact match per attribute on biography-template prompts of trained people (memorization), on QA
-  prompts of QA-train and QA-test people (extraction) and of never-seen people (answer rate = hallucination rate,
-  since no answer about them can be right); greedy, maj@k and pass@k.
+- `bios_facts`: exact match per attribute on trained people's own biographies cut before the value
+  (memorization), on QA prompts of QA-train and QA-test people (extraction) and of never-seen people (answer rate =
+  hallucination rate, since no answer about them can be right); greedy, maj@k and pass@k.
 - `world_facts`: geographic QA with the training and the held-out question templates.
 - `arith`: arithmetic answers checked by `arith.verify` (scratchpad or answer-only, per `eval.arith`).
 - `stage`: the stage's own held-out metrics (its loss on `eval_steps` validation batches): preference accuracy and
@@ -137,10 +137,12 @@ def bios_facts(ctx: EvalContext) -> dict:
   trained = [p for p in info["facts"] if p["group"] in ("qa_train", "qa_test")][:n]
   out = {}
   attrs = [a for a in info["questions"]]
-  # Memorization: the first template of each attribute, on trained people.
+  # Memorization: each person's first training biography, cut just before the value (the exact text trained on,
+  # in every format; a template the person's biography never used would test extraction instead).
+  from llmstages.data import bios
+  prefixes = [bios.bio_prefixes(p, info["format"], bios.bio_rng(info["seed"], p["id"], 0)) for p in trained]
   for attr in attrs:
-    template = info["templates"][attr][0]
-    prompts = [_template_prompt(template, p) for p in trained]
+    prompts = [pre[attr] for pre in prefixes]
     values = [p[attr] for p in trained]
     res = _score_prompts(ctx, prompts, lambda i, a, v=values: M.exact_match(a, v[i]), f"memorization/{attr}/")
     out.update(res)
