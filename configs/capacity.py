@@ -7,8 +7,9 @@ rendering), scored by `capacity` (Physics of LMs 3.3, Def. 4.3: R and R_max in b
 and `bios_facts`. The model is `SIZES['s']` (75,504 parameters with this 512-token vocabulary); the sweep in
 experiments/capacity.py varies the size, the exposures (via `steps_for_exposures`) and dropout.
 2000 people carry about 128K bits (log2(N0/N) + log2 S0 = 16.3 + 47.6 bits each), so R_max is about 1.7 bits/param
-at this size; 100 exposures are 6,104 steps of 32 x 128 tokens. Not yet run at full size (CPU is scarce);
-`:smoke` shrinks everything to run in seconds.
+at this size; 100 exposures are 6,104 steps of 32 x 128 tokens. `:people=N` sets the population (what
+experiments/capacity.py:cpu uses, 500 people, to fit the 2-core CPU); `:smoke` shrinks everything to run in
+seconds.
 """
 
 import math
@@ -18,6 +19,7 @@ from llmstages import config as config_lib
 PEOPLE = 2000
 # Model shapes (d_model, num_layers, num_heads, num_kv_heads, mlp_dim); parameter counts with the 512-token vocab.
 SIZES = {
+    "xxs": (16, 2, 2, 1, 48),  # 14,448 parameters
     "xs": (32, 2, 4, 2, 64),  # 34,976 parameters
     "s": (48, 2, 4, 2, 128),  # 75,504
     "m": (64, 2, 4, 2, 192),  # 131,392
@@ -45,12 +47,15 @@ def model_overrides(size: str) -> dict:
 
 
 def get_config(arg: str = ""):
-  opts = set(filter(None, arg.split(",")))
-  unknown = opts - {"smoke"}
-  if unknown:
-    raise ValueError(f"configs/capacity.py: unknown arg(s) {sorted(unknown)}; known: smoke")
+  known = {"smoke", "people"}
+  opts = dict(o.partition("=")[::2] for o in filter(None, arg.split(",")))
+  if set(opts) - known:
+    raise ValueError(f"configs/capacity.py: unknown arg(s) {sorted(set(opts) - known)}; known: smoke, people=N")
   smoke = "smoke" in opts
-  people = 100 if smoke else PEOPLE
+  try:
+    people = int(opts.get("people") or (100 if smoke else PEOPLE))
+  except ValueError:
+    raise ValueError(f"configs/capacity.py: people={opts['people']!r} is not an integer") from None
   c = config_lib.base_config()
   c.model.update(dict(vocab_size=512, max_seq_len=256))
   c.model.update({k.split(".")[1]: v for k, v in model_overrides("xs" if smoke else "s").items()})

@@ -5,7 +5,9 @@ r"""The full pipeline: pretrain -> cpt -> sft -> instruct -> reward -> dpo -> gr
 
 Args (comma-separated): `ppo` runs PPO-RLHF against the reward model in place of DPO; `quick` shortens every
 stage (what configs/quickstart.py runs: under 10 minutes on a 2-core CPU); `smoke` shrinks everything to seconds
-(tests).
+(tests); `people=N` sets the bios population (default 300, 100 with smoke; N // 5 new people for CPT): fewer
+people means more exposures per person for the same steps, which is how experiments/ makes a small model store
+facts on a CPU budget.
 
 Data: one bios population (N people) is shared by every stage: pretraining reads their biographies (plus
 scratchpad arithmetic and grammar stories about them), CPT adds new people with 25% replay, SFT learns QA on the
@@ -17,21 +19,38 @@ answers chat prompts with verifiable rewards (arithmetic, facts, story validity)
 
 from llmstages import config as config_lib
 
-ARGS = {"ppo", "quick", "smoke"}
+ARGS = {"ppo", "quick", "smoke", "people=N"}
+
+
+def parse_args(arg: str, known: set[str], where: str) -> tuple[set[str], dict[str, int]]:
+  """'smoke,people=50' -> ({'smoke'}, {'people': 50}); unknown flags or keys fail naming `where`."""
+  flags, values = set(), {}
+  for opt in filter(None, arg.split(",")):
+    key, eq, value = opt.partition("=")
+    if eq and f"{key}=N" in known:
+      try:
+        values[key] = int(value)
+      except ValueError:
+        raise ValueError(f"{where}: {key}={value!r} is not an integer") from None
+    elif not eq and key in known:
+      flags.add(key)
+    else:
+      raise ValueError(f"{where}: unknown arg {opt!r}; known: {sorted(known)}")
+  return flags, values
 
 
 def get_config(arg: str = ""):
-  opts = set(filter(None, arg.split(",")))
-  unknown = opts - ARGS
-  if unknown:
-    raise ValueError(f"configs/pipeline.py: unknown arg(s) {sorted(unknown)}; known: {sorted(ARGS)}")
-  return build(opts)
+  flags, values = parse_args(arg, ARGS, "configs/pipeline.py")
+  return build(flags, **values)
 
 
-def build(opts: set[str]):
+def build(opts: set[str], people: int | None = None):
   quick, smoke = "quick" in opts, "smoke" in opts
-  n = 100 if smoke else 300
-  bios = f"bios(n={n},format=multi_permute,n_new={20 if smoke else 100})"
+  n = people or (100 if smoke else 300)
+  if n < 8:
+    raise ValueError(f"configs/pipeline.py: people={n}; needs at least 8 (QA-train and QA-test halves)")
+  n_new = max(n // 5, 2) if people else (20 if smoke else 100)
+  bios = f"bios(n={n},format=multi_permute,n_new={n_new})"
   stories = f"stories(bios_n={n})"
   chat_args = f"bios_n={n},n_train={400 if smoke else 3000},n_validation={50 if smoke else 300}"
   c = config_lib.base_config()

@@ -6,7 +6,8 @@ pretrain (600 steps on synthetic biographies, scratchpad arithmetic and stories)
 -> sft (QA, story continuations, arithmetic) -> instruct (chat template) -> reward (Bradley-Terry) -> dpo -> grpo
 (verifiable rewards), each evaluated on facts, arithmetic, story diversity and perplexity; results in
 <workdir>/<stage>/eval.json. The README shows the table of one run. `:ppo` puts PPO-RLHF in place of DPO;
-`:smoke` shrinks everything so the whole pipeline runs in about two minutes (the tests use it).
+`:smoke` shrinks everything so the whole pipeline runs in about two minutes (the tests use it); `:people=N` sets the
+bios population (default 300).
 """
 
 import importlib.util
@@ -18,8 +19,5 @@ def get_config(arg: str = ""):
   spec = importlib.util.spec_from_file_location("llmstages_configs_pipeline", path)
   pipeline = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(pipeline)
-  opts = set(filter(None, arg.split(",")))
-  unknown = opts - {"ppo", "smoke"}
-  if unknown:
-    raise ValueError(f"configs/quickstart.py: unknown arg(s) {sorted(unknown)}; known: ppo, smoke")
-  return pipeline.build(opts | {"quick"})
+  flags, values = pipeline.parse_args(arg, {"ppo", "smoke", "people=N"}, "configs/quickstart.py")
+  return pipeline.build(flags | {"quick"}, **values)

@@ -3,12 +3,12 @@ r"""Alignment and diversity: story diversity, maj@k and pass@k after SFT, instru
   python -m llmstages.sweep --experiment=alignment_diversity --workdir=/tmp/sweeps/alignment_diversity --workers=2
   python -m llmstages.compare /tmp/sweeps/alignment_diversity --out=experiments/results/alignment_diversity.md
 
-Base: configs/quickstart.py, all seven stages. Two routes share pretrain -> cpt -> sft -> instruct -> reward and
-differ in the preference stage: 'dpo' (DPO, then GRPO from it) and 'ppo' (PPO-RLHF against the reward model, then
-GRPO from it). The stage-trajectory plot of `compare` shows each metric after each stage. Expected
-(RESEARCH.md): RL and DPO lower per-input diversity (Kirk et al. 2024); RL raises maj@k more than pass@k
-(DeepSeekMath); the base model can win at large k (Yue et al. 2025). 2 routes x 3 seeds = 6 runs of seven stages
-(an estimate: about 10 minutes each on the 2-core CPU; not run yet).
+Base: configs/quickstart.py with 50 people (`people=50`, 300 pretraining steps), without CPT. Two routes share
+pretrain -> sft -> instruct -> reward and differ in the preference stage: 'dpo' (DPO, then GRPO from it) and 'ppo'
+(PPO-RLHF against the reward model, then GRPO from it). Every stage from sft on is evaluated; the stage-trajectory
+plot of `compare` shows each metric after each stage. Expected (RESEARCH.md): RL and DPO lower per-input diversity
+(Kirk et al. 2024); RL raises maj@k more than pass@k (DeepSeekMath); the base model can win at large k (Yue et al.
+2025). 2 routes x 3 seeds = 6 runs of six stages, about 9 worker-minutes each on the 2-core CPU.
 
 `:smoke` runs both routes x 2 seeds of the quickstart smoke model.
 """
@@ -36,12 +36,22 @@ def _smoke(arg: str) -> bool:
   return "smoke" in opts
 
 
+PEOPLE = 50
+PRETRAIN_STEPS = 300
+
+
 def get_config(arg: str = ""):
-  return X.config_file("quickstart.py", "smoke" if _smoke(arg) else "")
+  smoke = _smoke(arg)
+  c = X.config_file("quickstart.py", "smoke" if smoke else f"people={PEOPLE}")
+  if not smoke:
+    c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
+  c.sft.init_from = "pretrain"
+  c.pretrain.evals = ()  # Shared by both routes; the trajectory starts at sft.
+  return c
 
 
 def get_sweep(arg: str = ""):
-  common = ("pretrain", "cpt", "sft", "instruct", "reward")
+  common = ("pretrain", "sft", "instruct", "reward")
   settings = [X.setting("dpo", {"stages": common + ("dpo", "grpo"), "grpo.init_from": "dpo"}),
               X.setting("ppo", {"stages": common + ("ppo", "grpo"), "grpo.init_from": "ppo"})]
   return X.product(settings, X.seeds(2 if _smoke(arg) else 3))

@@ -3,14 +3,15 @@ r"""Knowledge augmentation and extraction: biographies in one fixed form vs rewr
   python -m llmstages.sweep --experiment=augmentation_extraction --workdir=/tmp/sweeps/augmentation_extraction
   python -m llmstages.compare /tmp/sweeps/augmentation_extraction --out=experiments/results/augmentation_extraction.md
 
-After Physics of LMs 3.1: pretrain on biographies (`simple`: one fixed biography per person; `multi_permute`: a
-fresh template per attribute and a shuffled sentence order at every exposure), mixed with arithmetic and stories
-as in configs/quickstart.py; then fine-tune (the 'cpt' stage, no replay) on QA pairs about the QA-train half of the
-people. Extraction is QA accuracy on the other half, the QA-test people, whose facts were only ever seen in
+After Physics of LMs 3.1: pretrain the configs/quickstart.py model (0.9M parameters) on biographies of 50 people
+(`simple`: one fixed biography per person; `multi_permute`: five biographies per person, each with a fresh
+template per attribute and a shuffled sentence order), 85% of the tokens, mixed with 15% stories, for 300 steps
+(about 80 exposures per person); then fine-tune (the 'cpt' stage, 100 steps, no replay) on QA pairs about the
+QA-train half of the people. Memorization is exact match on a person's own training biography cut before the
+value; extraction is QA accuracy on the other half, the QA-test people, whose facts were only ever seen in
 biographies (`bios_facts/qa_test/greedy`). Both settings share one tokenizer (trained on both formats). 2 settings
-x 3 seeds = 6 runs, about 6 minutes each on the 2-core CPU (an estimate; not run yet). Paper, at GPT-2 scale: 9.7%
-(simple) vs 96.6% (multi5+permute); a 0.9M-parameter model at ~35 exposures per person may extract nothing in
-either setting.
+x 3 seeds = 6 runs, about 4 worker-minutes each on the 2-core CPU. Paper, at GPT-2 scale: 9.7% (simple) vs
+96.6% (multi5+permute).
 
 `:smoke` runs both formats x 2 seeds of the quickstart smoke model in seconds each.
 """
@@ -38,25 +39,32 @@ def _opts(arg: str) -> set[str]:
   return opts
 
 
+PEOPLE = 50
+PRETRAIN_STEPS = 300
+
+
 def _people(smoke: bool) -> str:
-  return "n=100,n_new=20" if smoke else "n=300,n_new=100"
+  return "n=100,n_new=20" if smoke else f"n={PEOPLE},n_new={PEOPLE // 5}"
 
 
 def format_overrides(fmt: str, smoke: bool) -> dict:
   """Every config key that names the biography corpus, in format `fmt`."""
   people = _people(smoke)
   bios = f"bios({people},format={fmt})"
-  stories = f"stories(bios_n={100 if smoke else 300})"
+  stories = f"stories(bios_n={100 if smoke else PEOPLE})"
   return {
-      "pretrain.data": f"{bios}:0.6,arith_scratchpad:0.25,{stories}:0.15",
+      "pretrain.data": f"{bios}:0.85,{stories}:0.15",
       "cpt.data": f"bios_qa({people},format={fmt})",
       "eval.bios": bios,
+      "eval.perplexity_data": f"{bios}:0.85,{stories}:0.15",
   }
 
 
 def get_config(arg: str = ""):
   smoke = "smoke" in _opts(arg)
-  c = X.config_file("quickstart.py", "smoke" if smoke else "")
+  c = X.config_file("quickstart.py", "smoke" if smoke else f"people={PEOPLE}")
+  if not smoke:
+    c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
   c.stages = ("pretrain", "cpt")  # quickstart.py may run later stages too; 'cpt' here is the QA fine-tuning.
   for key, value in format_overrides(FORMATS[0], smoke).items():
     X.set_key(c, key, value)
@@ -64,7 +72,7 @@ def get_config(arg: str = ""):
   people = _people(smoke)
   c.data.tokenizer_sources = ",".join([f"bios({people},format={f})" for f in FORMATS] +
                                       [f"bios_qa({people},format={FORMATS[0]})", "arith_scratchpad",
-                                       f"stories(bios_n={100 if smoke else 300})"])
+                                       f"stories(bios_n={100 if smoke else PEOPLE})"])
   for stage in ("pretrain", "cpt"):
     c[stage].evals = ("perplexity", "bios_facts", "diversity")
   return c

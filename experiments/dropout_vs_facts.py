@@ -1,16 +1,22 @@
 r"""Each regularizer alone, at one stage at a time: factual accuracy and bits/param against diversity.
 
-  python -m llmstages.sweep --experiment=dropout_vs_facts --workdir=/tmp/sweeps/dropout_vs_facts --workers=2
-  python -m llmstages.compare /tmp/sweeps/dropout_vs_facts --out=experiments/results/dropout_vs_facts.md
+  python -m llmstages.sweep --experiment=dropout_vs_facts:core --workdir=/tmp/sweeps/dropout_vs_facts_core
+  python -m llmstages.compare /tmp/sweeps/dropout_vs_facts_core --out=experiments/results/dropout_vs_facts.md
 
-Base: configs/quickstart.py (pretrain, then CPT on new people) with every regularizer off, weight decay included,
-so that each setting turns on exactly one thing: dropout at every site, each dropout site alone (embeddings,
-attention probabilities, residual branches, MLP hidden), drop-path, NEFTune, label smoothing or weight decay, in
-the pretrain stage or in the CPT stage only (the later stages of quickstart.py are left out). 1 + 2 x 9 = 19 settings
-x 3 seeds = 57 runs; a quickstart pretrain + CPT took 5.7 minutes on the 2-core CPU, so about 6 hours with one
-worker (not run yet). The question (RESEARCH.md):
-does regularization cost stored facts (memorization exact match, capacity R) while buying diversity (EAD)? A claim
-needs the paired-difference interval against `none` to exclude 0.
+Base: configs/quickstart.py with 50 people (`people=50`: about 60 biography exposures per person in 300 pretraining
+steps, enough for the 0.9M-parameter model to store part of the facts, so that a regularizer has something to
+cost) and every regularizer off, weight decay included, so that each setting turns on exactly one thing.
+
+No arg, the whole design: dropout at every site, each dropout site alone (embeddings, attention probabilities,
+residual branches, MLP hidden), drop-path, NEFTune, label smoothing or weight decay, in the pretrain stage or in
+the CPT stage (new people) only: 1 + 2 x 9 = 19 settings x 3 seeds = 57 runs of pretrain + CPT, about 4 worker-
+minutes each on the 2-core CPU (some 2 hours with 2 workers).
+
+`:core`, what experiments/results/dropout_vs_facts.md ran: pretraining only, and at it each family once: none,
+dropout (every site), drop-path, NEFTune, label smoothing, weight decay: 6 settings x 3 seeds = 18 runs, about
+3 worker-minutes each. The question (RESEARCH.md): does regularization cost stored facts (memorization exact
+match, capacity R) while buying diversity (EAD)? A claim needs the paired-difference interval against `none` to
+exclude 0.
 
 `:smoke` runs 2 settings x 2 seeds of the quickstart smoke model in seconds each (the tests use it).
 """
@@ -18,6 +24,8 @@ needs the paired-difference interval against `none` to exclude 0.
 from llmstages import experiments as X
 
 STAGES = ("pretrain", "cpt")
+PEOPLE = 50
+PRETRAIN_STEPS = 300
 RATE = 0.1
 # Setting name -> the stage's reg keys it sets (everything else stays off).
 REGULARIZERS = {
@@ -31,6 +39,7 @@ REGULARIZERS = {
     "label_smoothing": {"reg.label_smoothing": RATE},
     "weight_decay": {"reg.weight_decay": RATE},
 }
+CORE = ("dropout", "drop_path", "neftune", "label_smoothing", "weight_decay")  # One per family, for `:core`.
 
 METRICS = (
     "bios_facts/memorization/mean_greedy",
@@ -44,17 +53,23 @@ PARETO = ("diversity/per_input/ead", "bios_facts/memorization/mean_greedy")
 BASELINE = "none"
 
 
+ARGS = {"smoke", "core"}
+
+
 def _opts(arg: str) -> set[str]:
   opts = set(filter(None, arg.split(",")))
-  if opts - {"smoke"}:
-    raise ValueError(f"experiments/dropout_vs_facts.py: unknown arg(s) {sorted(opts - {'smoke'})}; known: smoke")
+  if opts - ARGS:
+    raise ValueError(f"experiments/dropout_vs_facts.py: unknown arg(s) {sorted(opts - ARGS)}; known: {sorted(ARGS)}")
   return opts
 
 
 def get_config(arg: str = ""):
-  smoke = "smoke" in _opts(arg)
-  c = X.config_file("quickstart.py", "smoke" if smoke else "")
-  c.stages = STAGES  # quickstart.py may run later stages too; this experiment is about these two.
+  opts = _opts(arg)
+  smoke = "smoke" in opts
+  c = X.config_file("quickstart.py", "smoke" if smoke else f"people={PEOPLE}")
+  if not smoke:
+    c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
+  c.stages = ("pretrain",) if "core" in opts else STAGES  # quickstart.py runs later stages too; not here.
   for stage in STAGES:
     c[stage].reg.weight_decay = 0.0  # The baseline has no regularization at all.
     c[stage].evals = ("perplexity", "bios_facts", "capacity", "diversity")  # What METRICS read.
@@ -66,7 +81,10 @@ def at_stage(stage: str, name: str) -> dict:
 
 
 def get_sweep(arg: str = ""):
-  if "smoke" in _opts(arg):
+  opts = _opts(arg)
+  if "smoke" in opts:
     return X.product([X.setting("none"), at_stage("pretrain", "dropout")], X.seeds(2))
+  if "core" in opts:
+    return X.product([X.setting("none")] + [at_stage("pretrain", name) for name in CORE], X.seeds(3))
   settings = [X.setting("none")] + [at_stage(stage, name) for stage in STAGES for name in REGULARIZERS]
   return X.product(settings, X.seeds(3))

@@ -3,18 +3,22 @@ r"""Late dropout: dropout on or off in the last fine-tuning stage only (instruct
   python -m llmstages.sweep --experiment=late_dropout --workdir=/tmp/sweeps/late_dropout --workers=2
   python -m llmstages.compare /tmp/sweeps/late_dropout --out=experiments/results/late_dropout.md
 
-Base: configs/quickstart.py up to and including `instruct` (pretrain -> cpt -> sft -> instruct), no dropout
-anywhere, then dropout 0.1 at every site in `instruct` only ('late') vs none ('off'). Prior evidence (RESEARCH.md):
+Base: configs/quickstart.py with 50 people (`people=50`, 300 pretraining steps: about 60 biography exposures per
+person) up to and including `instruct`, without CPT (pretrain -> sft -> instruct), no dropout anywhere, then
+dropout 0.1 at every site in `instruct` only ('late') vs none ('off'). The two settings are identical up to
+`instruct`, so only `sft` (the common starting point) and `instruct` are evaluated. Prior evidence (RESEARCH.md):
 T5 1.1 and PaLM pretrain without dropout and fine-tune with 0.1; the question here is whether late dropout keeps
-pretrained facts (QA exact match) or diversity (EAD) better than fine-tuning without it. 2 settings x 3 seeds = 6
-runs of four stages (an estimate: about 6 minutes each on the 2-core CPU; not run yet).
+facts (QA exact match) or diversity (EAD) better than fine-tuning without it. 2 settings x 3 seeds = 6 runs of
+three stages, about 6 worker-minutes each on the 2-core CPU.
 
 `:smoke` runs both settings x 2 seeds of the quickstart smoke model.
 """
 
 from llmstages import experiments as X
 
-STAGES = ("pretrain", "cpt", "sft", "instruct")
+STAGES = ("pretrain", "sft", "instruct")
+PEOPLE = 50
+PRETRAIN_STEPS = 300
 METRICS = (
     "bios_facts/qa_train/greedy",
     "bios_facts/qa_test/greedy",
@@ -35,8 +39,13 @@ def _smoke(arg: str) -> bool:
 
 
 def get_config(arg: str = ""):
-  c = X.config_file("quickstart.py", "smoke" if _smoke(arg) else "")
+  smoke = _smoke(arg)
+  c = X.config_file("quickstart.py", "smoke" if smoke else f"people={PEOPLE}")
+  if not smoke:
+    c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
   c.stages = STAGES
+  c.sft.init_from = "pretrain"
+  c.pretrain.evals = ()  # Both settings share pretrain and sft; sft's scores are the common starting point.
   return c
 
 

@@ -152,6 +152,35 @@ def test_registry_lists_every_experiment_and_smoke_shrinks_it():
   assert len(lines) == len(X.names()) and all("runs" in line and "ERROR" not in line for line in lines)
 
 
+def test_people_arg_sets_every_bios_population():
+  import re
+  c = X.config_file("quickstart.py", "people=50")
+  specs = [c.pretrain.data, c.cpt.data, c.sft.data, c.instruct.data, c.dpo.data, c.eval.bios, c.eval.stories,
+           c.eval.perplexity_data]
+  sizes = {m for s in specs for m in re.findall(r"(?:\bn|bios_n)=(\d+)", s)}
+  assert sizes == {"50"}, specs
+  assert "n_new=10" in c.cpt.data
+  assert "n=300" in X.config_file("quickstart.py", "").pretrain.data
+  for bad, message in (("people=x", "not an integer"), ("peple=5", "unknown arg"), ("people=3", "at least 8")):
+    with pytest.raises(ValueError, match=message):
+      X.config_file("quickstart.py", bad)
+  cap = X.config_file("capacity.py", "people=500")
+  assert cap.pretrain.data == cap.eval.bios == "bios(n=500,format=multi_permute)"
+  assert cap.pretrain.steps == X.config_module("capacity.py").steps_for_exposures(100, 500, 32, 128)
+
+
+def test_reduced_sweeps_are_subsets_of_their_design():
+  core = X.load("dropout_vs_facts:core").runs()
+  assert len(core) == 18 and {r.seed for r in core} == {0, 1, 2}
+  assert all(r.config.stages == ("pretrain",) for r in core)
+  assert {r.setting for r in core} == {"none", "dropout@pretrain", "drop_path@pretrain", "neftune@pretrain",
+                                       "label_smoothing@pretrain", "weight_decay@pretrain"}
+  cpu = X.load("capacity:cpu").runs()
+  assert len(cpu) == 12 and {r.config.model.d_model for r in cpu} == {16, 32}
+  assert all(r.config.eval.bios == "bios(n=500,format=multi_permute)" for r in cpu)
+  assert {r.config.pretrain.reg.dropout for r in cpu} == {0.0, 0.1}
+
+
 def test_run_hash_is_the_resolved_config():
   exp = X.load(SMOKE)
   a, b = exp.runs()[:2]
