@@ -31,8 +31,22 @@ _OUT = flags.DEFINE_string("out", "", "The Markdown report; '' writes DIR/report
 MIN_SEEDS_FOR_CLAIM = 3
 
 
+def merge_stage_orders(orders: list[list[str]]) -> list[str]:
+  """One order of every stage in `orders`, each after its predecessor in its own run: runs of two routes
+  (... reward, dpo, grpo) and (... reward, ppo, grpo) give (... reward, ppo, dpo, grpo)."""
+  out: list[str] = []
+  for order in orders:
+    for i, stage in enumerate(order):
+      if stage not in out:  # Its predecessor order[i - 1] is in `out` by now.
+        out.insert(out.index(order[i - 1]) + 1 if i else 0, stage)
+  return out
+
+
 def load_sweep(directory: str) -> tuple[dict, list[dict]]:
-  """(sweep.json, runs): each run's run.json plus 'finished' and 'evals' {stage: {metric: value}}."""
+  """(sweep.json, runs): each run's run.json plus 'finished' and 'evals' {stage: {metric: value}}.
+
+  The sweep's 'stages' become the stages the finished runs actually ran (a setting may change `stages`), merged
+  in order, keeping those after which some run has a metric the report shows."""
   path = os.path.join(directory, "sweep.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: DIR must be the --workdir of `python -m llmstages.sweep`")
@@ -46,12 +60,17 @@ def load_sweep(directory: str) -> tuple[dict, list[dict]]:
     if run["finished"]:
       with open(os.path.join(rd, "result.json")) as f:
         run["result"] = json.load(f)
-      for stage in sweep["stages"]:
+      for stage in run["result"].get("stages") or sweep["stages"]:
         ev = os.path.join(rd, stage, "eval.json")
         if os.path.exists(ev):
           with open(ev) as f:
             run["evals"][stage] = {k: m["value"] for k, m in json.load(f)["metrics"].items()}
     runs.append(run)
+  ran = [r["result"].get("stages") or sweep["stages"] for r in runs if r["finished"]]
+  merged = merge_stage_orders(ran) if ran else list(sweep["stages"])
+  wanted = set(sweep["metrics"]) | set(sweep.get("pareto") or ())
+  evaluated = [st for st in merged if any(wanted & set(r["evals"].get(st, {})) for r in runs)]
+  sweep["stages"] = evaluated or merged
   return sweep, runs
 
 
@@ -177,11 +196,13 @@ def write_plots(sweep: dict, summary: dict, pareto_path: str, trajectory_path: s
     ax = axes[i // cols][i % cols]
     for j, s in enumerate(settings):
       rows_ = [table[st][s][metric] for st in stages]
-      mean = np.array([r["mean"] for r in rows_])
-      lo = np.array([r["lo"] for r in rows_])
-      hi = np.array([r["hi"] for r in rows_])
+      has = np.array([r["n"] > 0 for r in rows_])  # A setting's line joins the stages it was scored after.
+      mean = np.array([r["mean"] for r in rows_])[has]
+      lo = np.array([r["lo"] for r in rows_])[has]
+      hi = np.array([r["hi"] for r in rows_])[has]
       offset = (j - (len(settings) - 1) / 2) * 0.02  # Keeps overlapping error bars apart.
-      ax.errorbar(xs + offset, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=2, color=color[s], label=s)
+      ax.errorbar(xs[has] + offset, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=2, color=color[s],
+                  label=s)
     ax.set_xticks(xs, stages)
     ax.set_title(metric, fontsize=9)
     ax.grid(alpha=0.3)

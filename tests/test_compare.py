@@ -100,3 +100,13 @@ def test_compare_on_a_finished_smoke_sweep(tmp_path_factory, tmp_path):
         assert f"{row['mean']:.4g}" in text
         checked += 1
   assert checked == 2 * 2 * len(sweep["metrics"])
+
+
+def test_stages_of_two_routes_merge_in_order():
+  dpo = ["pretrain", "sft", "instruct", "reward", "dpo", "grpo"]
+  ppo = ["pretrain", "sft", "instruct", "reward", "ppo", "grpo"]
+  merged = compare.merge_stage_orders([dpo, ppo])
+  assert merged == ["pretrain", "sft", "instruct", "reward", "ppo", "dpo", "grpo"]
+  for route in (dpo, ppo):  # Each route's own order survives.
+    assert [s for s in merged if s in route] == route
+  assert compare.merge_stage_orders([["a", "b"], ["a", "b"]]) == ["a", "b"]
