@@ -75,6 +75,8 @@ def get_config(arg: str = ""):
                                        f"stories(bios_n={100 if smoke else PEOPLE})"])
   for stage in ("pretrain", "cpt"):
     c[stage].evals = ("perplexity", "bios_facts", "diversity")
+  if not smoke:
+    c.eval.num_prompts = 60  # QA prompts of 10 people per group (6 attributes each), memorization of 60 people.
   return c
 
 
