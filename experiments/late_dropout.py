@@ -1,6 +1,6 @@
 r"""Late dropout: dropout on or off in the last fine-tuning stage only (instruction tuning), everything else equal.
 
-  python -m llmstages.sweep --experiment=late_dropout --workdir=/tmp/sweeps/late_dropout --workers=2
+  python -m llmstages.sweep --experiment=late_dropout --workdir=/tmp/sweeps/late_dropout
   python -m llmstages.compare /tmp/sweeps/late_dropout --out=experiments/results/late_dropout.md
 
 Base: configs/quickstart.py with 50 people (`people=50`, 300 pretraining steps: about 60 biography exposures per
