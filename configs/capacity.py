@@ -8,7 +8,7 @@ and `bios_facts`. The model is `SIZES['s']` (75,504 parameters with this 512-tok
 experiments/capacity.py varies the size, the exposures (via `steps_for_exposures`) and dropout.
 2000 people carry about 128K bits (log2(N0/N) + log2 S0 = 16.3 + 47.6 bits each), so R_max is about 1.7 bits/param
 at this size; 100 exposures are 6,104 steps of 32 x 128 tokens. `:people=N` sets the population (what
-experiments/capacity.py:cpu uses, 300 people, to fit the 2-core CPU); `:smoke` shrinks everything to run in
+experiments/capacity.py:cpu uses, 200 people, to fit the 2-core CPU); `:smoke` shrinks everything to run in
 seconds.
 """
 

@@ -8,9 +8,9 @@ size xs / s / m (35K / 76K / 131K parameters) x exposures 100 / 1000 x dropout 0
 exposures are 25M tokens (12-20 minutes a run on the 2-core CPU, measured 37K tokens/s for xs alone), 1000
 exposures 250M tokens (2-3 hours a run): not run here. R_max is about 3.6 / 1.7 / 1.0 bits/param for these sizes.
 
-`:cpu`, what experiments/results/capacity.md ran: 300 people (3.75M tokens for 100 exposures), sizes xxs / xs
-(14K / 35K parameters, R_max about 1.4 / 0.6 bits/param) x dropout 0 / 0.1 at 100 exposures, 3 seeds: 12 runs of
-about 3 worker-minutes. Physics of LMs 3.3 reports R >= 1 bit/param at 100 exposures and >= 2 at 1000 for
+`:cpu`, what experiments/results/capacity.md ran: 200 people (2.5M tokens for 100 exposures), sizes xxs / xs
+(14K / 35K parameters, R_max below 1 bit/param for both, so neither is saturated) x dropout 0 / 0.1 at 100
+exposures, 3 seeds: 12 runs of about 2-3 worker-minutes. Physics of LMs 3.3 reports R >= 1 bit/param at 100 exposures and >= 2 at 1000 for
 1M-0.5B parameters with dropout off; these models are below that size range.
 
 `:smoke` runs sizes xs and s x dropout 0 / 0.1, one seed, 8 steps each: seconds a run (the tests' shape).
@@ -30,7 +30,7 @@ PARETO = ("capacity/params_counted", "capacity/R")
 BASELINE = "xs/E100/dropout0"
 
 
-CPU_PEOPLE = 300
+CPU_PEOPLE = 200
 
 
 def _opts(arg: str) -> dict:

@@ -177,7 +177,7 @@ def test_reduced_sweeps_are_subsets_of_their_design():
                                        "label_smoothing@pretrain", "weight_decay@pretrain"}
   cpu = X.load("capacity:cpu").runs()
   assert len(cpu) == 12 and {r.config.model.d_model for r in cpu} == {16, 32}
-  assert all(r.config.eval.bios == "bios(n=300,format=multi_permute)" for r in cpu)
+  assert all(r.config.eval.bios == "bios(n=200,format=multi_permute)" for r in cpu)
   assert {r.config.pretrain.reg.dropout for r in cpu} == {0.0, 0.1}
 
 
