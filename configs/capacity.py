@@ -19,7 +19,7 @@ from llmstages import config as config_lib
 PEOPLE = 2000
 # Model shapes (d_model, num_layers, num_heads, num_kv_heads, mlp_dim); parameter counts with the 512-token vocab.
 SIZES = {
-    "xxs": (16, 2, 2, 1, 48),  # 14,448 parameters
+    "xxs": (16, 2, 2, 1, 48),  # 14,416 parameters
     "xs": (32, 2, 4, 2, 64),  # 34,976 parameters
     "s": (48, 2, 4, 2, 128),  # 75,504
     "m": (64, 2, 4, 2, 192),  # 131,392
@@ -47,15 +47,9 @@ def model_overrides(size: str) -> dict:
 
 
 def get_config(arg: str = ""):
-  known = {"smoke", "people"}
-  opts = dict(o.partition("=")[::2] for o in filter(None, arg.split(",")))
-  if set(opts) - known:
-    raise ValueError(f"configs/capacity.py: unknown arg(s) {sorted(set(opts) - known)}; known: smoke, people=N")
-  smoke = "smoke" in opts
-  try:
-    people = int(opts.get("people") or (100 if smoke else PEOPLE))
-  except ValueError:
-    raise ValueError(f"configs/capacity.py: people={opts['people']!r} is not an integer") from None
+  flags, values = config_lib.parse_args(arg, {"smoke", "people=N"}, "configs/capacity.py")
+  smoke = "smoke" in flags
+  people = values.get("people") or (100 if smoke else PEOPLE)
   c = config_lib.base_config()
   c.model.update(dict(vocab_size=512, max_seq_len=256))
   c.model.update({k.split(".")[1]: v for k, v in model_overrides("xs" if smoke else "s").items()})

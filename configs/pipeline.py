@@ -22,25 +22,8 @@ from llmstages import config as config_lib
 ARGS = {"ppo", "quick", "smoke", "people=N"}
 
 
-def parse_args(arg: str, known: set[str], where: str) -> tuple[set[str], dict[str, int]]:
-  """'smoke,people=50' -> ({'smoke'}, {'people': 50}); unknown flags or keys fail naming `where`."""
-  flags, values = set(), {}
-  for opt in filter(None, arg.split(",")):
-    key, eq, value = opt.partition("=")
-    if eq and f"{key}=N" in known:
-      try:
-        values[key] = int(value)
-      except ValueError:
-        raise ValueError(f"{where}: {key}={value!r} is not an integer") from None
-    elif not eq and key in known:
-      flags.add(key)
-    else:
-      raise ValueError(f"{where}: unknown arg {opt!r}; known: {sorted(known)}")
-  return flags, values
-
-
 def get_config(arg: str = ""):
-  flags, values = parse_args(arg, ARGS, "configs/pipeline.py")
+  flags, values = config_lib.parse_args(arg, ARGS, "configs/pipeline.py")
   return build(flags, **values)
 
 

@@ -184,6 +184,23 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_args(arg: str, known: set[str], where: str) -> tuple[set[str], dict[str, int]]:
+  """'smoke,people=50' -> ({'smoke'}, {'people': 50}); unknown flags or keys fail naming `where`."""
+  flags, values = set(), {}
+  for opt in filter(None, arg.split(",")):
+    key, eq, value = opt.partition("=")
+    if eq and f"{key}=N" in known:
+      try:
+        values[key] = int(value)
+      except ValueError:
+        raise ValueError(f"{where}: {key}={value!r} is not an integer") from None
+    elif not eq and key in known:
+      flags.add(key)
+    else:
+      raise ValueError(f"{where}: unknown arg {opt!r}; known: {sorted(known)}")
+  return flags, values
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.lock()
   return c
