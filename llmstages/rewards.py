@@ -5,7 +5,8 @@ it answers — and returns a float, or None when it does not apply to that promp
 request). A sample's reward is the sum of the functions that apply; each is logged on its own.
 
     arith   1 if the final answer (after the last 'Answer:', else the last integer) is the true result, else 0
-    facts   1 if the answer (text before the first period) exactly matches the fact (SQuAD normalization)
+    facts   1 if the answer (`text.answer_text`: up to the period that ends it) exactly matches the fact (SQuAD
+            normalization)
     story   1 if the story parses under the story grammar, resolves every goal and states only true bios facts
 
 Adding one is a decorated function: `@register('name') def fn(completion, prompt) -> float | None`.
@@ -16,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Callable
+
+from llmstages import text
 
 _REGISTRY: dict[str, Callable] = {}
 
@@ -92,10 +95,9 @@ def arith_correct(completion: str, prompt: Prompt) -> float | None:
 
 @register("facts")
 def fact_exact_match(completion: str, prompt: Prompt) -> float | None:
-  from llmstages.evals import evaluators, metrics
   if prompt.kind not in ("bios", "world") or not prompt.answer:
     return None
-  return float(metrics.exact_match(evaluators.answer_text(completion), prompt.answer))
+  return float(text.exact_match(text.answer_text(completion), prompt.answer))
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,7 +1,8 @@
 """Evaluation metrics, as pure Python and numpy functions of decoded text, answers and host arrays (no JAX).
 
 Owns the formulas RESEARCH.md names, each with its source in its docstring:
-- factual: `normalize_answer`, `exact_match`, `majority_vote`, `pass_at_k`, `knowledge_capacity`;
+- factual: `pass_at_k`, `knowledge_capacity` (`normalize_answer`, `exact_match` and `majority_vote` live in
+  `llmstages.text`, shared with the rewards, and are re-exported here);
 - diversity: `distinct_n`, `ead`, `ead_avg`, `sentence_bleu`, `self_bleu`, `ngram_entropy`, `token_entropy`,
   `build_ngram_set`, `novelty`, `whole_output_novelty`, `validity_rate`, `effective_diversity`;
 - reporting: `bootstrap_ci`, `paired_bootstrap_diff`.
@@ -19,11 +20,11 @@ from __future__ import annotations
 
 import collections
 import math
-import re
-import string
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
+
+from llmstages.text import exact_match, majority_vote, normalize_answer  # noqa: F401  (re-exported)
 
 Text = str | Sequence[Hashable]
 NGram = tuple[Hashable, ...]
@@ -65,50 +66,6 @@ def _pooled_ngram_counts(texts: Sequence[Text], n: int) -> collections.Counter:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Factual metrics.
-
-# Punctuation, except a minus sign that starts a number and a decimal point between digits. SQuAD strips both, which
-# would score "-5" as equal to "5" and "3.5" as equal to "35"; arithmetic answers need them kept.
-_PUNCT_RE = re.compile(r"(?<!\S)-(?=\d)|(?<=\d)\.(?=\d)|([" + re.escape(string.punctuation) + r"])")
-_ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-  """SQuAD-style answer normalization (Rajpurkar et al. 2016, official evaluate-v1.1.py).
-
-  Lower-case, remove ASCII punctuation (`string.punctuation`), remove the articles a/an/the as whole words, and
-  collapse runs of whitespace to one space. One deliberate difference from SQuAD: a minus sign that starts a number
-  ("-5") and a decimal point between digits ("3.5") are kept, so signed and decimal answers stay distinct.
-  A thousands separator is still removed ("1,000" -> "1000"), and an answer that is only an article ("A")
-  normalizes to "", as in SQuAD.
-  """
-  text = text.lower()
-  text = _PUNCT_RE.sub(lambda m: "" if m.group(1) else m.group(0), text)
-  text = _ARTICLES_RE.sub(" ", text)
-  return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-  """EM: normalize_answer(prediction) == normalize_answer(reference)."""
-  return normalize_answer(prediction) == normalize_answer(reference)
-
-
-def majority_vote(answers: Sequence[str]) -> tuple[str, float]:
-  """maj@k (self-consistency, Wang et al. 2023): the most common normalized answer and its share of the votes.
-
-  Returns (answer, count / len(answers)), the answer in normalized form. Ties go to the answer whose first vote
-  came earliest in `answers`, so the result is deterministic and, when samples are listed in the order drawn, does
-  not depend on a hash order.
-  """
-  if not answers:
-    raise ValueError("majority_vote needs at least one answer")
-  normalized = [normalize_answer(a) for a in answers]
-  counts = collections.Counter(normalized)
-  first_seen = {}
-  for i, a in enumerate(normalized):
-    first_seen.setdefault(a, i)
-  best = min(counts, key=lambda a: (-counts[a], first_seen[a]))
-  return best, counts[best] / len(normalized)
-
 
 def pass_at_k(n: int, c: int, k: int) -> float:
   """Unbiased pass@k of one problem from n samples of which c are correct (Chen et al. 2021, Codex paper, Fig. 3).
