@@ -2,8 +2,8 @@ r"""Knowledge capacity: pretrain a small model on synthetic biographies only, th
 
   python -m llmstages.main --config=configs/capacity.py --workdir=/tmp/llmstages_capacity
 
-One stage ('pretrain') on `bios(n=2000, multi_permute)` for 100 exposures per person (each exposure a fresh
-rendering), scored by `capacity` (Physics of LMs 3.3, Def. 4.3: R and R_max in bits per parameter, all noise off)
+One stage ('pretrain') on `bios(n=2000, multi_permute)` for 100 exposures per person (the corpus holds 5 fixed
+renderings of each biography, so each rendering is seen about 20 times), scored by `capacity` (Physics of LMs 3.3, Def. 4.3: R and R_max in bits per parameter, all noise off)
 and `bios_facts`. The model is `SIZES['s']` (75,504 parameters with this 512-token vocabulary); the sweep in
 experiments/capacity.py varies the size, the exposures (via `steps_for_exposures`) and dropout.
 2000 people carry about 128K bits (log2(N0/N) + log2 S0 = 16.3 + 47.6 bits each), so R_max is about 1.7 bits/param

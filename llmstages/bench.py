@@ -27,6 +27,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from llmstages import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.", lock_config=True)
 
 
@@ -216,4 +218,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,6 +24,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from llmstages import cli
 from llmstages.evals import metrics as M
 
 _OUT = flags.DEFINE_string("out", "", "The Markdown report; '' writes DIR/report.md. Plots and JSON go beside it.")
@@ -286,4 +287,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

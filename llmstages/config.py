@@ -89,6 +89,11 @@ def eval_config() -> ml_collections.ConfigDict:
   e.pass_k = (1, 4, 8)
   e.temperature = 0.7
   e.mc_dropout = 0.0  # > 0: inference-time dropout while sampling.
+  # How questions (QA, arithmetic, story requests) are posed: 'auto' wraps them in the chat template after a stage
+  # that was tuned on it (instruct and every stage after it), 'always' / 'never' force chat / raw prompts.
+  e.chat = "auto"
+  # V of EAD (diversity): 0 = the story grammar's word vocabulary (`stories.word_vocabulary`), > 0 = this value.
+  e.ead_vocab = 0
   return e
 
 

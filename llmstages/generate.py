@@ -3,7 +3,10 @@ r"""Samples from a trained stage.
   python -m llmstages.generate --workdir=DIR --stage=STAGE --prompt=TEXT [--temperature=0.7 --top_p=0.9
       --top_k=0 --num_samples=8 --max_new_tokens=64 --vote --seed=0 --mc_dropout=0.0]
 
-Prints each sample; with --vote also the majority answer (normalized, as exact match scores it) and its share.
+Prints each sample; with --vote also the majority answer and its share of the samples, voted as the evaluators
+vote: on the final number for an arithmetic problem ("What is A op B?"), else on the fact answer (normalized, as
+exact match scores it). `--chat=auto` poses the prompt in the chat template when the stage was tuned on it, as
+the evaluators do; `always` / `never` force it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import json
 import os
 
 from absl import app, flags
+
+from llmstages import cli
+from llmstages.data import chat as data_chat
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's workdir (holds config.json and the stages).")
 _STAGE = flags.DEFINE_string("stage", None, "Which stage's final parameters to sample from.")
@@ -24,6 +30,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at mos
 _VOTE = flags.DEFINE_bool("vote", False, "Print the majority answer over the samples and its share.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _MC_DROPOUT = flags.DEFINE_float("mc_dropout", 0.0, "Inference-time dropout rate at every site.")
+_CHAT = flags.DEFINE_enum("chat", "auto", ["auto", "always", "never"],
+                          "Wrap the prompt in the chat template: auto = when the stage was tuned on it.")
 flags.mark_flags_as_required(["workdir", "stage", "prompt"])
 
 
@@ -40,12 +48,13 @@ def load_config(workdir: str):
 
 
 def generate(workdir: str, stage: str, prompts: list[str], **kw) -> list[dict]:
-  """Samples for each prompt: [{'prompt', 'samples': [text, ...], 'vote': (answer, share)}]."""
-  from llmstages import train
-  from llmstages.evals import metrics
-  from llmstages.evals.evaluators import answer_text
+  """Samples for each prompt: [{'prompt', 'format', 'samples': [reply, ...], 'answers', 'vote': (answer, share)}]."""
+  from llmstages import text, train
+  from llmstages.evals import core, evaluators
   from llmstages.sampler import Sampler
   config = load_config(workdir)
+  chat = kw.pop("chat", "auto")
+  fmt = core.prompt_format(config, stage) if chat == "auto" else core.PROMPT_FORMATS[chat]
   if stage not in config.stages:
     raise ValueError(f"--stage={stage!r} is not one of this workdir's stages {list(config.stages)}")
   tctx = train.build_context(config, stage)
@@ -54,13 +63,15 @@ def generate(workdir: str, stage: str, prompts: list[str], **kw) -> list[dict]:
   sampler = Sampler(tctx.model_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=tctx.mesh, rules=tctx.rules,
                     mc_dropout=kw.pop("mc_dropout", 0.0))
   n = kw.get("num_samples", 1)
-  out = sampler.generate(params, [[tok.bos_id] + tok.encode(p) for p in prompts], **kw)
+  out = sampler.generate(params, [[tok.bos_id] + tok.encode(core.wrap_question(p, fmt)) for p in prompts], **kw)
   texts = [tok.decode([t for t in seq if t not in (tok.eos_id, tok.pad_id)]) for seq in out.sequences()]
+  replies = [t.split(data_chat.END, 1)[0] for t in texts]
   results = []
   for i, prompt in enumerate(prompts):
-    samples = texts[i * n:(i + 1) * n]
-    results.append({"prompt": prompt, "samples": samples,
-                    "vote": metrics.majority_vote([answer_text(s) for s in samples])})
+    samples = replies[i * n:(i + 1) * n]
+    answers = [evaluators.extract_answer(prompt, s) for s in samples]
+    results.append({"prompt": prompt, "format": fmt, "samples": samples, "answers": answers,
+                    "vote": text.majority_vote(answers)})
   return results
 
 
@@ -68,15 +79,16 @@ def main(argv):
   del argv
   results = generate(_WORKDIR.value, _STAGE.value, list(_PROMPT.value), max_new_tokens=_MAX_NEW.value,
                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                     num_samples=_NUM_SAMPLES.value, seed=_SEED.value, mc_dropout=_MC_DROPOUT.value)
+                     num_samples=_NUM_SAMPLES.value, seed=_SEED.value, mc_dropout=_MC_DROPOUT.value,
+                     chat=_CHAT.value)
   for r in results:
     print(f"=== {r['prompt']}")
     for j, s in enumerate(r["samples"]):
       print(f"[{j}] {s}")
     if _VOTE.value:
       answer, share = r["vote"]
-      print(f"vote: {answer!r} ({share:.0%} of {len(r['samples'])} samples)")
+      print(f"vote: {answer!r} ({share:.0%} of {len(r['samples'])} samples; answers {r['answers']})")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

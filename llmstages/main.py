@@ -10,6 +10,8 @@ On several hosts, run the same command on every host, adding
 from absl import app, flags
 from ml_collections import config_flags
 
+from llmstages import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with :ARG.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-host runs.")
@@ -25,9 +27,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from absl import logging
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; --verbosity=0 brings it back.
   from llmstages import partitioning
   if _DISTRIBUTED.value == "auto":
     import os
@@ -46,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

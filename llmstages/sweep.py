@@ -53,7 +53,7 @@ import warnings
 
 from absl import app, flags
 
-from llmstages import experiments
+from llmstages import cli, experiments
 
 _LIST = flags.DEFINE_bool("list", False, "List the experiments in experiments/, one line each, and exit.")
 _EXPERIMENT = flags.DEFINE_string("experiment", None, "NAME[:ARG] of experiments/NAME.py, or PATH.py[:ARG].")
@@ -613,4 +613,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

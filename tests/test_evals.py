@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llmstages import evals, pipeline
+from llmstages.evals import evaluators
 from llmstages.evals.evaluators import answer_text
 from tests.helpers import load_config, one_device_mesh
 
@@ -73,6 +74,9 @@ def test_generate_cli_votes(runs):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "vote:" in r.stdout and "of 3 samples" in r.stdout
+  # Library logs stay at WARNING: no orbax INFO lines around the samples.
+  assert "NonBlockingMetadataStore" not in r.stdout + r.stderr
+  assert not [line for line in r.stderr.splitlines() if line[:1] == "I" and line[1:5].isdigit()], r.stderr[-2000:]
 
 
 def test_generate_missing_stage_checkpoint_is_named(tmp_path, runs):
@@ -98,3 +102,104 @@ def test_answer_text():
   assert answer_text(" Sledepriohaven") == "Sledepriohaven"
   assert answer_text(" March 18, 2047. She was") == "March 18, 2047"
   assert answer_text(" Paris\nMore") == "Paris"
+
+
+# --- capacity in the trained contexts, and chat-format evaluation -------------------------------------------------
+TINY_BIOS = "bios(n=4,format=multi_permute,variants=2,n_new=2,n_unseen=2)"
+
+
+@pytest.fixture(scope="module")
+def memorized(tmp_path_factory):
+  """A tiny model trained until it has memorized the 8 biographies of 4 people."""
+  c = load_config("quickstart.py", "smoke", **{"data.dir": str(tmp_path_factory.mktemp("data")),
+                                              "stages": ("pretrain",)})
+  c.model.update(dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128))
+  c.pretrain.update(dict(steps=200, learning_rate=1e-2, warmup_steps=10, batch_size=8, seq_len=128, eval_every=0,
+                         checkpoint_every=1000, log_every=100, evals=("capacity",), data=TINY_BIOS))
+  c.pretrain.reg.weight_decay = 0.0
+  c.data.tokenizer_sources = TINY_BIOS
+  c.eval.update(dict(bios=TINY_BIOS))
+  workdir = str(tmp_path_factory.mktemp("memorized"))
+  pipeline.run(c, workdir, mesh=one_device_mesh())
+  with open(os.path.join(workdir, "pretrain", "eval.json")) as f:
+    return c, json.load(f)["metrics"]
+
+
+def test_capacity_of_a_model_that_memorized_its_biographies_is_near_r_max(memorized):
+  _, m = memorized
+  assert m["capacity/renderings_per_person"]["value"] == 2
+  assert m["capacity/p2_nats"]["value"] < 1.0  # Of about 33 nats of value information per person.
+  assert m["capacity/R"]["value"] >= 0.9 * m["capacity/R_max"]["value"]
+  assert m["capacity/R"]["value"] <= m["capacity/R_max"]["value"] + 1e-9
+
+
+def test_capacity_scores_the_value_and_name_tokens_of_each_training_biography(memorized):
+  from llmstages import data, train
+  from llmstages.data import bios
+  c, _ = memorized
+  info = data.source_info(TINY_BIOS, c.data.dir)
+  tok = train.tokenizer_for(c)
+  people = [p for p in info["facts"] if p["group"] in ("qa_train", "qa_test")]
+  contexts = evaluators.bios_contexts(tok, info, people)
+  assert len(contexts) == 2 * len(people)
+  src = data.open_source(TINY_BIOS, "train", c.data.dir)
+  trained = sorted(tuple(data.tokenize_document(tok, src.document(i))[0][:-1]) for i in range(len(src)))
+  assert sorted(tuple(ctx["ids"]) for ctx in contexts) == trained  # Exactly the training token sequences.
+  for ctx in contexts:
+    person = people[ctx["person"]]
+    ids = np.asarray(ctx["ids"])
+    assert tok.decode(ids[ctx["name"]].tolist()) == person["name"]
+    scored = tok.decode(ids[ctx["values"]].tolist())
+    for attr in bios.BIT_ATTRIBUTES:
+      assert person[attr] in scored
+    assert len(ctx["values"]) < len(ids) / 2  # Values and one pronoun, not the template words.
+
+
+def _chat_config(data_dir):
+  chat_data = "instructions(bios_n=4,n_train=400,n_validation=40,w_bios=1,w_world=0,w_arith=0,w_story=0," \
+              "system_fraction=0,multi_turn_fraction=0)"
+  bios_spec = "bios(n=4)"
+  c = load_config("quickstart.py", "smoke", **{"data.dir": data_dir, "stages": ("instruct",)})
+  c.model.update(dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128))
+  c.instruct.update(dict(steps=250, learning_rate=1e-2, warmup_steps=10, batch_size=16, seq_len=64, eval_every=0,
+                         checkpoint_every=1000, log_every=50, evals=("bios_facts",), data=chat_data, init_from=""))
+  c.instruct.reg.weight_decay = 0.0
+  c.data.tokenizer_sources = f"{chat_data},{bios_spec}"
+  c.eval.update(dict(bios=bios_spec, num_prompts=12, samples=1, max_new_tokens=8))
+  return c
+
+
+def test_an_instruct_tuned_model_is_asked_in_its_chat_template(tmp_path_factory):
+  c = _chat_config(str(tmp_path_factory.mktemp("data")))
+  workdir = str(tmp_path_factory.mktemp("instruct"))
+  pipeline.run(c, workdir, mesh=one_device_mesh())
+  with open(os.path.join(workdir, "instruct", "eval.json")) as f:
+    auto = json.load(f)
+  assert auto["prompt_format"] == "chat"
+  scores = {}
+  for choice in ("always", "never"):
+    forced = c.copy_and_resolve_references()
+    forced.eval.chat = choice
+    scores[choice] = evals.evaluate_stage(forced, "instruct", workdir, force=True)
+  assert scores["never"]["prompt_format"] == "raw"
+  chat, raw = (scores[k]["metrics"]["bios_facts/qa_train/greedy"]["value"] for k in ("always", "never"))
+  assert chat == auto["metrics"]["bios_facts/qa_train/greedy"]["value"]
+  assert chat >= 0.5 and chat > raw + 0.25
+
+
+def test_prompt_format_follows_the_stage_lineage():
+  from llmstages import config as config_lib
+  c = config_lib.base_config()
+  c.stages = ("pretrain", "sft", "instruct", "dpo", "sft2")
+  c.pretrain = config_lib.stage_config("pretrain")
+  c.sft = config_lib.stage_config("sft", init_from="pretrain")
+  c.instruct = config_lib.stage_config("instruct", init_from="sft")
+  c.dpo = config_lib.stage_config("dpo", init_from="instruct")
+  c.sft2 = config_lib.stage_config("sft2", kind="sft", init_from="dpo")
+  fmt = {s: evals.core.prompt_format(c, s) for s in c.stages}
+  assert fmt == {"pretrain": "raw", "sft": "raw", "instruct": "chat", "dpo": "chat", "sft2": "chat"}
+  c.eval.chat = "never"
+  assert evals.core.prompt_format(c, "dpo") == "raw"
+  c.eval.chat = "sometimes"
+  with pytest.raises(ValueError, match="config.eval.chat='sometimes'"):
+    evals.core.prompt_format(c, "dpo")

@@ -148,6 +148,39 @@ def generate_story(rng: random.Random, openers=TRAIN_OPENERS, people: tuple[dict
     return opener, " ".join(sentences)
 
 
+def _slot_tokens(form: str, slot: str, fillers) -> set[str]:
+    """Whitespace tokens of `form` with `{slot}` taken by each filler (other slots stay out of the tokens)."""
+    out: set[str] = set()
+    for filler in fillers:
+        text = re.sub(r"\{\w+\}", "\0", form.replace("{" + slot + "}", filler))
+        out.update(t for t in text.split() if "\0" not in t)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def word_vocabulary(bios_n: int, bios_seed: int, bios_fraction: float) -> frozenset[str]:
+    """Every whitespace token (punctuation attached, as the diversity metrics split text) that the grammar can
+    write: the V of EAD for story texts, fixed by the grammar and its bios people, not by what a model sampled."""
+    people = bios_people(bios_n, bios_seed) if bios_fraction > 0 else ()
+    names = list(NAMES) + [p["name"] for p in people]
+    intros = [f"a {a} {k} named {n}" for a in ADJECTIVES for k in KINDS for n in NAMES] + [p["name"] for p in people]
+    words: set[str] = set()
+    for opener in OPENERS:
+        words |= _slot_tokens(opener, "intro", intros) | _slot_tokens(opener, "place", PLACES)
+    for form, slot, fillers in ((GOAL_FORMS, "g", [g for g, _ in GOALS]), (OBSTACLE_FORMS, "o", OBSTACLES),
+                                (RESOLUTION_FORMS, "r", RESOLUTIONS), (DONE_FORMS, "d", [d for _, d in GOALS])):
+        for f in form:
+            words |= _slot_tokens(f, slot, fillers) | _slot_tokens(f, "n", names)
+    words |= _slot_tokens(MEET_FORM, "n", names) | _slot_tokens(MEET_FORM, "intro", intros[:len(intros) - len(people)])
+    for closing in CLOSINGS:
+        words.update(closing.split())
+    for person in people:  # The one true bios sentence about a bios main character.
+        for attr in bios.ATTRIBUTES:
+            for template in bios.TEMPLATES[attr]:
+                words.update(bios._fill(template, person, use_name=True).replace("{v}", person[attr]).split())
+    return frozenset(words)
+
+
 # --- checking ---------------------------------------------------------------------------------------------------
 def _alt(values) -> str:
     return "(?:" + "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True)) + ")"

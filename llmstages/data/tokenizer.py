@@ -20,6 +20,7 @@ import os
 import random
 import tempfile
 
+import numpy as np
 import sentencepiece as spm
 
 import tqdm
@@ -54,8 +55,18 @@ class Tokenizer:
         """Token ids of `text`; no BOS/EOS added."""
         return self._sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
+    def encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` (as `encode`) and each token's [begin, end) character span in `text` (a byte-fallback
+        piece inside a multi-byte character gets that character's span)."""
+        proto = self._sp.encode(text, out_type="proto")
+        starts = np.cumsum([0] + [len(ch.encode("utf-8")) for ch in text])  # SentencePiece counts UTF-8 bytes.
+        ids, spans = [], []
+        for piece in proto.pieces:
+            begin = int(np.searchsorted(starts, piece.begin, side="right")) - 1
+            end = int(np.searchsorted(starts, piece.end, side="left"))
+            ids.append(piece.id)
+            spans.append((begin, end))
+        return ids, spans
 
     def decode(self, ids) -> str:
         """Text of `ids`; pad/bos/eos are dropped. Ids past the tokenizer's vocabulary (rows a larger model

@@ -8,10 +8,10 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llmstages import losses
+from llmstages.data import chat
 from llmstages.evals import metrics as M
 from llmstages.model import HEAD_PARAMS
 
@@ -71,6 +71,7 @@ class EvalContext:
   train_ctx: Any  # train.StageContext of the stage (model, mesh, rules, abstract state).
   workdir: str
   stage_params: Any = None  # The stage's parameters as trained: with its scalar head, if it has one.
+  prompt_format: str = "raw"  # 'chat': questions go in the chat template the stage was tuned on (`prompt_format`).
 
   @property
   def ecfg(self):
@@ -92,36 +93,70 @@ class EvalContext:
                    mc_dropout=mc_dropout or self.ecfg.mc_dropout)
 
   def encode_prompt(self, text: str) -> list[int]:
+    """Text the model continues as it is (a biography cut before a value): BOS + tokens."""
     return [self.tokenizer.bos_id] + self.tokenizer.encode(text)
 
-  def decode(self, ids: Sequence[int]) -> str:
-    ids = [i for i in ids if i not in (self.tokenizer.eos_id, self.tokenizer.pad_id)]
-    return self.tokenizer.decode(ids)
+  def encode_question(self, text: str) -> list[int]:
+    """A question or request: as it is, or as one user turn of the chat template (`prompt_format`)."""
+    return self.encode_prompt(wrap_question(text, self.prompt_format))
 
-  def sequence_logprobs(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                        batch_size: int = 128) -> np.ndarray:
-    """Summed log p(continuation | prefix) per pair, deterministic (no dropout), in nats."""
-    model = self.train_ctx.lm_model
-    fn = _logprob_fn(model)
-    total = len(prefixes)
-    out = np.zeros((total,), np.float64)
-    longest = max(len(p) + len(c) for p, c in zip(prefixes, continuations))
+  def decode(self, ids: Sequence[int]) -> str:
+    """The generated text up to the end of the reply (EOS, or the chat template's end of turn)."""
+    ids = [i for i in ids if i not in (self.tokenizer.eos_id, self.tokenizer.pad_id)]
+    return self.tokenizer.decode(ids).split(chat.END, 1)[0]
+
+  def token_logprobs(self, sequences: Sequence[Sequence[int]], batch_size: int = 64) -> list[np.ndarray]:
+    """log p(seq[t] | seq[:t]) for t = 1..len-1 of every sequence, deterministic (no dropout), in nats."""
+    fn = _logprob_fn(self.train_ctx.lm_model)
+    longest = max(len(s) for s in sequences)
     length = int(2 ** np.ceil(np.log2(max(longest, 8))))
     if length > self.model_cfg.max_seq_len:
       raise ValueError(f"a scored sequence of {longest} tokens exceeds config.model.max_seq_len="
                        f"{self.model_cfg.max_seq_len}")
-    for lo in range(0, total, batch_size):
-      rows = list(range(lo, min(lo + batch_size, total)))
+    out = []
+    for lo in range(0, len(sequences), batch_size):
+      rows = sequences[lo:lo + batch_size]
       tokens = np.zeros((batch_size, length), np.int32)
-      mask = np.zeros((batch_size, length), np.float32)
-      for r, i in enumerate(rows):
-        seq = list(prefixes[i]) + list(continuations[i])
+      for r, seq in enumerate(rows):
         tokens[r, :len(seq)] = seq
-        mask[r, len(prefixes[i]) - 1:len(seq) - 1] = 1.0  # Targets are the continuation tokens.
       with self.train_ctx.activate():
-        sums = np.asarray(fn(self.params, tokens, mask))
-      out[rows] = sums[:len(rows)]
+        lp = np.asarray(fn(self.params, tokens), np.float64)
+      out.extend(lp[r, :len(seq) - 1] for r, seq in enumerate(rows))
     return out
+
+
+# Stage kinds that train on the chat template (instruct) or on chat-formatted data (the preference and RL stages).
+CHAT_KINDS = ("instruct", "reward", "dpo", "ppo", "grpo")
+PROMPT_FORMATS = {"auto": None, "always": "chat", "never": "raw"}
+
+
+def prompt_format(config, stage: str) -> str:
+  """'chat' or 'raw': how the evaluators pose questions to `stage`, from `config.eval.chat`.
+
+  'auto' gives 'chat' when the stage or any stage it started from (its `init_from` chain) is of a kind in
+  `CHAT_KINDS`, so a model is asked in the format it was tuned on; 'always' and 'never' force either.
+  """
+  choice = config.eval.chat
+  if choice not in PROMPT_FORMATS:
+    raise ValueError(f"config.eval.chat={choice!r}; expected one of {sorted(PROMPT_FORMATS)}")
+  if PROMPT_FORMATS[choice]:
+    return PROMPT_FORMATS[choice]
+  seen = set()
+  while stage and stage in config and stage not in seen:
+    seen.add(stage)
+    if config[stage].kind in CHAT_KINDS:
+      return "chat"
+    stage = config[stage].init_from
+  return "raw"
+
+
+def wrap_question(text: str, fmt: str) -> str:
+  """`text` as a raw prompt, or as a user turn followed by the assistant's turn token (fmt='chat')."""
+  if fmt == "chat":
+    return chat.format_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+  if fmt != "raw":
+    raise ValueError(f"prompt format {fmt!r}; expected 'raw' or 'chat'")
+  return text
 
 
 _LOGPROB_FNS: dict = {}
@@ -129,10 +164,9 @@ _LOGPROB_FNS: dict = {}
 
 def _logprob_fn(model):
   if model not in _LOGPROB_FNS:
-    def fn(params, tokens_BxL, mask_BxL):
+    def fn(params, tokens_BxL):
       logits = model.apply({"params": params}, tokens_BxL[:, :-1])
-      lp = losses.token_logprobs(logits, tokens_BxL[:, 1:])
-      return jnp.sum(lp * mask_BxL[:, :-1], axis=-1)
+      return losses.token_logprobs(logits, tokens_BxL[:, 1:])
     _LOGPROB_FNS[model] = jax.jit(fn)
   return _LOGPROB_FNS[model]
 
@@ -152,7 +186,7 @@ def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool
   if os.path.exists(path) and not force:
     with open(path) as f:
       done = json.load(f)
-    if set(done.get("evaluators", [])) == set(wanted):
+    if set(done.get("evaluators", [])) == set(wanted) and done.get("prompt_format") == prompt_format(config, stage):
       return done
   tokenizer = tokenizer if tokenizer is not None else train.tokenizer_for(config)
   tctx = train.build_context(config, stage)
@@ -168,14 +202,16 @@ def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool
     tctx = train.build_context(config, stage, mesh=local)
     params = jax.device_put(host_params, {k: tctx.state_sharding.params[k] for k in host_params})
   lm_params = {k: v for k, v in params.items() if k not in HEAD_PARAMS}
+  fmt = prompt_format(config, stage)
   ctx = EvalContext(config=config, stage=stage, params=lm_params, stage_params=params, tokenizer=tokenizer,
-                    train_ctx=tctx, workdir=workdir)
+                    train_ctx=tctx, workdir=workdir, prompt_format=fmt)
   results: dict[str, dict] = {}
   for name, fn in fns.items():
     print(f"[{stage}] evaluating {name} ...", flush=True)
     for key, metric in fn(ctx).items():
       results[f"{name}/{key}"] = metric.to_json()
-  out = {"stage": stage, "step": int(config[stage].steps), "evaluators": list(wanted), "metrics": results}
+  out = {"stage": stage, "step": int(config[stage].steps), "evaluators": list(wanted), "prompt_format": fmt,
+         "metrics": results}
   if jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

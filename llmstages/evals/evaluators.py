@@ -18,13 +18,15 @@ Greedy means temperature 0 (argmax); maj@k and pass@k draw `eval.samples` sample
 
 from __future__ import annotations
 
-import math
+import re
 from typing import Callable, Sequence
 
 import numpy as np
 
+from llmstages import text as text_lib
 from llmstages.evals import metrics as M
 from llmstages.evals.core import EvalContext, Metric, register
+from llmstages.text import answer_text
 
 
 def _with_name(spec: str, name: str) -> str:
@@ -38,20 +40,35 @@ def _records(ctx: EvalContext, spec: str, split: str, limit: int) -> list[dict]:
   return [src.record(i) for i in range(min(limit, len(src)))]
 
 
-def answer_text(text: str) -> str:
-  """The answer in a completion: the text before the first period or newline (values contain neither)."""
-  for stop in (".", "\n"):
-    text = text.split(stop, 1)[0]
-  return text.strip()
+def arith_answer(text: str) -> str | None:
+  """The final number `arith.verify` reads in a completion (after the last 'Answer:', else the last integer), as
+  text; None when there is none. maj@k votes on this, never on the scratchpad that leads to it."""
+  from llmstages.data import arith as arith_lib
+  value = arith_lib.final_answer(text.split("\n", 1)[0])
+  return None if value is None else str(value)
 
 
-def _score_prompts(ctx: EvalContext, prompts: Sequence[str], correct: Callable[[int, str], bool], prefix: str,
-                   max_new_tokens: int | None = None, extract: Callable[[str], str] = answer_text) -> dict:
-  """Greedy exact match, maj@k and pass@k over `prompts`; `correct(i, answer)` judges prompt i's answer."""
+def extract_answer(prompt: str, completion: str) -> str | None:
+  """The answer a completion of `prompt` gives: the final number for an arithmetic problem, else the fact answer
+  (`text.answer_text`). What `generate --vote` votes on; the evaluators pick the extractor by task instead."""
+  from llmstages.data import arith as arith_lib
+  return arith_answer(completion) if arith_lib.parse_prompt(prompt) else answer_text(completion)
+
+
+def _score_prompts(ctx: EvalContext, prompts: Sequence[str], correct: Callable[[int, str | None], bool],
+                   prefix: str, max_new_tokens: int | None = None,
+                   extract: Callable[[str], str | None] = answer_text, questions: Sequence[str] | None = None,
+                   continuation: bool = False) -> dict:
+  """Greedy exact match, maj@k and pass@k over `prompts`; `correct(i, answer)` judges prompt i's answer.
+
+  `extract` takes a reply to the answer that is judged and voted on. `questions` (default: the prompts) are posed
+  in the stage's prompt format (`EvalContext.encode_question`); with `continuation`, as raw text to continue.
+  """
   ecfg = ctx.ecfg
   new = max_new_tokens or ecfg.max_new_tokens
   sampler = ctx.sampler()
-  ids = [ctx.encode_prompt(p) for p in prompts]
+  encode = ctx.encode_prompt if continuation else ctx.encode_question
+  ids = [encode(q) for q in (questions or prompts)]
   greedy = sampler.generate(ctx.params, ids, max_new_tokens=new, temperature=0.0)
   greedy_ok = [float(correct(i, extract(ctx.decode(seq)))) for i, seq in enumerate(greedy.sequences())]
   out = {f"{prefix}greedy": Metric.mean_of(greedy_ok)}
@@ -63,15 +80,19 @@ def _score_prompts(ctx: EvalContext, prompts: Sequence[str], correct: Callable[[
     maj, passes = [], {kk: [] for kk in ecfg.pass_k if kk <= k}
     for i in range(len(prompts)):
       mine = answers[i * k:(i + 1) * k]
-      vote, _ = M.majority_vote(mine)
-      maj.append(float(correct(i, vote)))
-      c = sum(correct(i, a) for a in mine)
+      vote, _ = text_lib.majority_vote(mine)
+      maj.append(float(vote is not None and correct(i, vote)))
+      c = sum(bool(correct(i, a)) for a in mine)
       for kk in passes:
         passes[kk].append(M.pass_at_k(k, c, kk))
     out[f"{prefix}maj@{k}"] = Metric.mean_of(maj)
     for kk, vals in passes.items():
       out[f"{prefix}pass@{kk}"] = Metric.mean_of(vals)
   return out
+
+
+def _matches(references: Sequence[str]) -> Callable[[int, str | None], bool]:
+  return lambda i, answer: answer is not None and text_lib.exact_match(answer, references[i])
 
 
 @register("perplexity")
@@ -124,12 +145,6 @@ def _bios_info(ctx: EvalContext) -> dict:
   return data.source_info(ctx.ecfg.bios, ctx.data_dir)
 
 
-def _template_prompt(template: str, person: dict) -> str:
-  """A bios template filled for `person` with the name as subject, cut just before the value."""
-  from llmstages.data import bios
-  return bios._fill(template, person, use_name=True).split("{v}", 1)[0].rstrip()
-
-
 @register("bios_facts")
 def bios_facts(ctx: EvalContext) -> dict:
   info = _bios_info(ctx)
@@ -138,14 +153,17 @@ def bios_facts(ctx: EvalContext) -> dict:
   out = {}
   attrs = [a for a in info["questions"]]
   # Memorization: each person's first training biography, cut just before the value (the exact text trained on,
-  # in every format; a template the person's biography never used would test extraction instead).
+  # in every format; a template the person's biography never used would test extraction instead). The answer is
+  # the rest of that sentence: the value, and the template's words after it ("Biology during his studies").
   from llmstages.data import bios
-  prefixes = [bios.bio_prefixes(p, info["format"], bios.bio_rng(info["seed"], p["id"], 0)) for p in trained]
+  render = lambda p: (info["format"], bios.bio_rng(info["seed"], p["id"], 0))
+  prefixes = [bios.bio_prefixes(p, *render(p)) for p in trained]
+  texts = [bios.render_bio(p, *render(p)) for p in trained]
   for attr in attrs:
     prompts = [pre[attr] for pre in prefixes]
-    values = [p[attr] for p in trained]
-    res = _score_prompts(ctx, prompts, lambda i, a, v=values: M.exact_match(a, v[i]), f"memorization/{attr}/")
-    out.update(res)
+    rests = [answer_text(full[len(pre):]) for full, pre in zip(texts, prompts)]
+    # A biography is continued as it was trained, in every prompt format.
+    out.update(_score_prompts(ctx, prompts, _matches(rests), f"memorization/{attr}/", continuation=True))
   out["memorization/mean_greedy"] = Metric.mean_of(
       [out[f"memorization/{a}/greedy"].value for a in attrs])
   # Extraction: QA on QA-train people (seen in QA data if a stage trained on it) and QA-test people.
@@ -153,10 +171,10 @@ def bios_facts(ctx: EvalContext) -> dict:
     recs = _records(ctx, _with_name(ctx.ecfg.bios, "bios_qa"), split, n)
     prompts = [r["prompt"] for r in recs]
     answers = [r["completion"] for r in recs]
-    out.update(_score_prompts(ctx, prompts, lambda i, a, v=answers: M.exact_match(a, v[i]), f"{name}/"))
+    out.update(_score_prompts(ctx, prompts, _matches(answers), f"{name}/"))
   # Never-seen people: any answer is invented.
   recs = _records(ctx, _with_name(ctx.ecfg.bios, "bios_qa_unseen"), "train", n)
-  greedy = ctx.sampler().generate(ctx.params, [ctx.encode_prompt(r["prompt"]) for r in recs],
+  greedy = ctx.sampler().generate(ctx.params, [ctx.encode_question(r["prompt"]) for r in recs],
                                   max_new_tokens=ctx.ecfg.max_new_tokens, temperature=0.0)
   answered = [float(bool(answer_text(ctx.decode(s)))) for s in greedy.sequences()]
   out["unseen/answer_rate"] = Metric.mean_of(answered)
@@ -171,8 +189,7 @@ def world_facts(ctx: EvalContext) -> dict:
   for split, name in (("train", "train_templates"), ("validation", "heldout_templates")):
     recs = _records(ctx, _with_name(ctx.ecfg.world, "world_qa"), split, ctx.ecfg.num_prompts)
     answers = [r["completion"] for r in recs]
-    out.update(_score_prompts(ctx, [r["prompt"] for r in recs], lambda i, a, v=answers: M.exact_match(a, v[i]),
-                              f"{name}/"))
+    out.update(_score_prompts(ctx, [r["prompt"] for r in recs], _matches(answers), f"{name}/"))
   return out
 
 
@@ -185,42 +202,35 @@ def arith(ctx: EvalContext) -> dict:
   prompts = [r["prompt"] for r in recs]
   scratchpad = "scratchpad" in ctx.ecfg.arith
   new = ctx.ecfg.max_new_tokens * (4 if scratchpad else 1)
-  keep_all = lambda text: text.split("\n", 1)[0].strip()  # The verifier finds the final answer itself.
-  return _score_prompts(ctx, prompts, lambda i, a: arith_lib.verify(prompts[i], a), "", max_new_tokens=new,
-                        extract=keep_all)
+  # In the chat template a worked answer is asked for as instruction tuning asks for it.
+  ask = "Show your work. " if scratchpad and ctx.prompt_format == "chat" else ""
+  solutions = [arith_lib.solve(*arith_lib.parse_prompt(p)) for p in prompts]
+  return _score_prompts(ctx, prompts, lambda i, a: a is not None and int(a) == solutions[i], "",
+                        max_new_tokens=new, extract=arith_answer, questions=[ask + p for p in prompts])
 
 
 @register("capacity")
 def capacity(ctx: EvalContext) -> dict:
-  """R = [N(log2 N0 - p1/ln2) + N(log2 S0 - p2/ln2)] / P (RESEARCH.md), no dropout, no smoothing.
+  """R = [N(log2 N0 - p1/ln2) + N(log2 S0 - p2/ln2)] / P (Physics of LMs 3.3, Def. 4.3), no dropout or smoothing.
 
-  p1: summed cross-entropy of a person's name tokens right after BOS. p2: summed cross-entropy of the value tokens
-  of every bit-carrying attribute given the name and the attribute's prompt, averaged over the attribute's
-  templates, plus the pronoun (given "<name> spent", from the template that states it). Every trained person
-  counts. P counts every parameter, embedding rows only for tokens that occur in the biographies.
+  Both losses are read in the contexts the model trained on: each trained person's biographies exactly as the
+  corpus rendered them (`bios_contexts`), cut into the stage's `seq_len` chunks as training cut them, averaged
+  over those renderings. p1: the summed cross-entropy of the
+  name tokens right after BOS. p2: the summed cross-entropy of the value tokens of every bit-carrying attribute,
+  plus the first token that reveals the pronoun. Every trained person counts. P counts every parameter, embedding
+  rows only for tokens that occur in the biographies.
   """
   info = _bios_info(ctx)
-  tok = ctx.tokenizer
   people = [p for p in info["facts"] if p["group"] in ("qa_train", "qa_test")]
-  bos = [tok.bos_id]
-  names = [tok.encode(p["name"]) for p in people]
-  p1 = -ctx.sequence_logprobs([bos] * len(people), names)
-  p2 = np.zeros(len(people))
-  for attr in info["bit_attributes"]:
-    templates = info["templates"][attr]
-    per_template = []
-    for template in templates:
-      prefixes = [bos + tok.encode(_template_prompt(template, p)) for p in people]
-      values = [tok.encode(" " + p[attr]) for p in people]
-      per_template.append(-ctx.sequence_logprobs(prefixes, values))
-    p2 += np.mean(per_template, axis=0)
-  pronoun_template = next(t for t in info["templates"]["birth_city"] if "{p}" in t)
-  head = pronoun_template.split("{p}", 1)[0].rstrip()
-  prefixes = [bos + tok.encode(head.replace("{S}", p["name"])) for p in people]
-  pronouns = [tok.encode(" " + ("his" if p["pronoun"] == "he" else "her")) for p in people]
-  p2 += -ctx.sequence_logprobs(prefixes, pronouns)
+  contexts = bios_contexts(ctx.tokenizer, info, people)
+  logprobs = _chunked_logprobs(ctx, [c["ids"] for c in contexts], ctx.config[ctx.stage].seq_len)
+  p1, p2 = np.zeros(len(people)), np.zeros(len(people))
+  for c, lp in zip(contexts, logprobs):
+    # lp[t - 1] is log p(ids[t] | ids[:t]); a rendering counts 1/variants of its person's losses.
+    p1[c["person"]] -= lp[c["name"] - 1].sum() / c["variants"]
+    p2[c["person"]] -= lp[c["values"] - 1].sum() / c["variants"]
 
-  used = _used_token_ids(ctx, info)
+  used = {ctx.tokenizer.bos_id, ctx.tokenizer.eos_id}.union(*(c["ids"] for c in contexts))
   mc = ctx.model_cfg
   total = sum(int(np.prod(x.shape)) for x in _leaves(ctx.params))
   tables = 1 if mc.tie_embeddings else 2
@@ -233,7 +243,58 @@ def capacity(ctx: EvalContext) -> dict:
   return {"R": Metric(cap["R"], n), "R_max": Metric(cap["R_max"], n), "bits": Metric(cap["bits"], n),
           "bits_max": Metric(cap["bits_max"], n), "R_nonembedding": Metric(cap_ne["R"], n),
           "p1_nats": Metric.mean_of(p1), "p2_nats": Metric.mean_of(p2), "params_counted": Metric(p_used, 1),
-          "params_nonembedding": Metric(p_nonembed, 1)}
+          "params_nonembedding": Metric(p_nonembed, 1), "renderings_per_person": Metric(contexts[0]["variants"], n)}
+
+
+def _chunked_logprobs(ctx: EvalContext, sequences: Sequence[Sequence[int]], seq_len: int) -> list[np.ndarray]:
+  """Per-token log-probs of each sequence as training saw it: a document longer than `seq_len` pairs is cut into
+  chunks of `seq_len` pairs, each trained without the chunks before it (`data.pipeline`)."""
+  chunks, owners = [], []
+  for i, ids in enumerate(sequences):
+    for start in range(0, len(ids) - 1, seq_len):
+      chunks.append(ids[start:start + seq_len + 1])
+      owners.append(i)
+  per_chunk = ctx.token_logprobs(chunks)
+  out = [[] for _ in sequences]
+  for i, lp in zip(owners, per_chunk):
+    out[i].append(lp)
+  return [np.concatenate(parts) for parts in out]
+
+
+_PRONOUN = re.compile(r"\b(He|She|His|Her|his|her)\b")
+
+
+def bios_contexts(tokenizer, info: dict, people: Sequence[dict]) -> list[dict]:
+  """Every training biography of `people`, re-rendered as the corpus wrote it, with the token positions to score.
+
+  One dict per (person, rendering): 'ids' (BOS + the biography's tokens, as the data pipeline tokenizes it),
+  'name' (positions of the tokens of the opening name), 'values' (positions of the tokens that overlap a
+  bit-carrying attribute's value, and of the first pronoun, which carries the gender bit), 'person' (index into
+  `people`) and 'variants' (renderings per person). Positions count BOS as 0.
+  """
+  from llmstages.data import bios
+  variants = info["variants"]
+  out = []
+  for index, person in enumerate(people):
+    for v in range(variants):
+      text, spans = "", []
+      for attr, sentence in bios.bio_sentences(person, info["format"], bios.bio_rng(info["seed"], person["id"], v)):
+        text += " " if text else ""  # As `bios.render_bio` joins the sentences.
+        begin = len(text) + sentence.index("{v}")
+        text += sentence.replace("{v}", person[attr])
+        if attr in info["bit_attributes"]:
+          spans.append((begin, begin + len(person[attr])))
+      pronoun = _PRONOUN.search(text, len(person["name"]))
+      if pronoun:
+        spans.append(pronoun.span())
+      ids, token_spans = tokenizer.encode_with_spans(text)
+      overlaps = lambda lo, hi: [t + 1 for t, (a, b) in enumerate(token_spans) if a < hi and b > lo]
+      if not text.startswith(person["name"]):
+        raise ValueError(f"bios rendering {v} of person {person['id']} does not open with the name: {text[:60]!r}")
+      out.append({"ids": [tokenizer.bos_id] + ids, "person": index, "variants": variants,
+                  "name": np.asarray(overlaps(0, len(person["name"])), np.int64),
+                  "values": np.asarray(sorted({t for lo, hi in spans for t in overlaps(lo, hi)}), np.int64)})
+  return out
 
 
 def _leaves(tree):
@@ -241,35 +302,26 @@ def _leaves(tree):
   return jax.tree.leaves(tree)
 
 
-def _used_token_ids(ctx: EvalContext, info: dict) -> set[int]:
-  from llmstages import data
-  src = data.open_source(ctx.ecfg.bios, "train", ctx.data_dir)
-  used = {ctx.tokenizer.bos_id, ctx.tokenizer.eos_id}
-  for i in range(len(src)):
-    for text, _ in src.document(i):
-      used.update(ctx.tokenizer.encode(text))
-  return used
+def _continuation(reply: str, opener: str) -> str:
+  """A story reply without the opener it starts from (a chat reply retells it; a raw continuation does not)."""
+  reply = reply.strip()
+  return reply[len(opener):].strip() if reply.startswith(opener) else reply
 
 
-@register("diversity")
-def diversity(ctx: EvalContext) -> dict:
+def _story_vocabulary(ctx: EvalContext) -> frozenset[str]:
+  """The word types the story grammar of `eval.stories` can write: EAD's V, the same whatever the model samples."""
   from llmstages import data
   from llmstages.data import stories as stories_lib
-  ecfg = ctx.ecfg
-  if not ecfg.stories:
-    raise ValueError(f"config.eval.stories is empty but stage {ctx.stage!r} lists diversity")
-  recs = _records(ctx, _with_name(ecfg.stories, "stories_prompts"), "validation", ecfg.num_prompts)
-  openers = [r["prompt"] for r in recs]
-  k = max(ecfg.samples, 2)
-  sampler = ctx.sampler()
-  out_ids = sampler.generate(ctx.params, [ctx.encode_prompt(o) for o in openers],
-                             max_new_tokens=ecfg.story_tokens, temperature=ecfg.temperature, num_samples=k,
-                             seed=ctx.config.seed)
-  texts = [ctx.decode(s).strip() for s in out_ids.sequences()]
-  toks = [t.split() for t in texts]
-  groups = [toks[i * k:(i + 1) * k] for i in range(len(openers))]
+  args = data.source_info(_with_name(ctx.ecfg.stories, "stories"), ctx.data_dir)["arguments"]
+  defaults = stories_lib.StoriesConfig(name="vocabulary")
+  pick = lambda key: args.get(key, getattr(defaults, key))
+  return stories_lib.word_vocabulary(int(pick("bios_n")), int(pick("bios_seed")), float(pick("bios_fraction")))
+
+
+def diversity_scores(groups: Sequence[Sequence[Sequence[str]]], vocab: int) -> dict:
+  """Per-input (the k samples of one prompt) and across-input (each prompt's first sample) diversity of tokenized
+  samples grouped by prompt; `vocab` is EAD's V. A prompt's per-input scores depend on its own samples alone."""
   across = [g[0] for g in groups]
-  vocab = max(len({w for t in toks for w in t}), 1)
   out = {}
   for n in (1, 2, 3):
     out[f"per_input/distinct_{n}"] = Metric.mean_of([M.distinct_n(g, n) for g in groups])
@@ -279,6 +331,32 @@ def diversity(ctx: EvalContext) -> dict:
   out["per_input/self_bleu4"] = Metric.mean_of([M.self_bleu(g) for g in groups])
   out["across_input/self_bleu4"] = Metric(M.self_bleu(across), len(across))
   out["across_input/ent_2"] = Metric(M.ngram_entropy(across, 2), len(across))
+  return out
+
+
+@register("diversity")
+def diversity(ctx: EvalContext) -> dict:
+  from llmstages import data
+  from llmstages.data import instructions, stories as stories_lib
+  ecfg = ctx.ecfg
+  if not ecfg.stories:
+    raise ValueError(f"config.eval.stories is empty but stage {ctx.stage!r} lists diversity")
+  recs = _records(ctx, _with_name(ecfg.stories, "stories_prompts"), "validation", ecfg.num_prompts)
+  openers = [r["prompt"] for r in recs]
+  k = max(ecfg.samples, 2)
+  sampler = ctx.sampler()
+  if ctx.prompt_format == "chat":  # The request instruction tuning taught; the reply retells the opener.
+    ids = [ctx.encode_question(instructions.STORY_REQUESTS[0].format(opener=o)) for o in openers]
+  else:
+    ids = [ctx.encode_prompt(o) for o in openers]
+  out_ids = sampler.generate(ctx.params, ids, max_new_tokens=ecfg.story_tokens, temperature=ecfg.temperature,
+                             num_samples=k, seed=ctx.config.seed)
+  texts = [_continuation(ctx.decode(s), openers[i // k]) for i, s in enumerate(out_ids.sequences())]
+  toks = [t.split() for t in texts]
+  groups = [toks[i * k:(i + 1) * k] for i in range(len(openers))]
+  across = [g[0] for g in groups]
+  vocab = ecfg.ead_vocab or len(_story_vocabulary(ctx))
+  out = {"ead_vocab": Metric(float(vocab), 1), **diversity_scores(groups, vocab)}
   lengths = np.maximum(out_ids.lengths, 1)
   out["token_nll"] = Metric.mean_of(-out_ids.logprobs.sum(axis=1) / lengths)  # Entropy estimate at T=1.
   train_src = data.open_source(_with_name(ecfg.stories, "stories"), "train", ctx.data_dir)
