@@ -29,13 +29,12 @@ the policy's gradient pass uses the stage's `reg` block (all off by default). RL
 from __future__ import annotations
 
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmstages import losses, partitioning
+from llmstages import losses, partitioning, seeds
 from llmstages import rewards as rewards_lib
 from llmstages.model import HEAD_PARAMS, Decoder, RegSites
 from llmstages.stages import Stage, apply_model, register
@@ -195,8 +194,7 @@ def token_entropy(logits_BxLxV):
 # The shared rollout machinery.
 
 def _seed(config_seed: int, name: str, split: str, step: int) -> int:
-  return int(np.random.SeedSequence([config_seed, zlib.crc32(name.encode()), int(split == "train"), step])
-             .generate_state(1)[0])
+  return seeds.stage_seed(config_seed, name, int(split == "train"), step)
 
 
 class RolloutStage(Stage):
