@@ -9,7 +9,7 @@ metric is the mean over seeds with a 95% Student-t interval over seeds (`metrics
 gets the paired difference against the baseline, paired by seed, with the paired t-interval over seeds
 (`paired_difference`), marked * where it excludes 0 with at least 3 seeds (RESEARCH.md: the claim the report can
 support). The t-interval's false-claim rate is 5% at every seed count for normal per-seed differences; the
-percentile bootstrap used before claimed whenever all three differences of 3 seeds had one sign (a third of null
+percentile bootstrap used before claimed whenever all three differences of 3 seeds had one sign (a quarter of null
 comparisons). Writes REPORT.md (default DIR/report.md), REPORT.json with the same numbers, every per-seed value
 and what the report's header needs, and beside them two PNG plots: REPORT.pareto.png (the experiment's PARETO
 pair, e.g. factual accuracy against diversity, with both intervals as error bars, one panel per stage) and
