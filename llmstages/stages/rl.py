@@ -34,7 +34,6 @@ the policy's gradient pass uses the stage's `reg` block (all off by default). RL
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
