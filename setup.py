@@ -26,6 +26,8 @@ setuptools.setup(
         "optuna>=4.0",
         # The Pareto and stage-trajectory plots of `python -m llmstages.compare` (Agg backend, no display needed).
         "matplotlib>=3.8",
+        # Student-t quantiles for compare's paired t-interval over seeds (already installed with jax).
+        "scipy>=1.10",
     ],
     extras_require={
         # psycopg: tests/test_sweep.py runs a sweep against a PostgreSQL server it starts (SQLAlchemy's default

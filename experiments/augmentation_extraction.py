@@ -4,14 +4,14 @@ r"""Knowledge augmentation and extraction: biographies in one fixed form vs rewr
   python -m llmstages.compare /tmp/sweeps/augmentation_extraction --out=experiments/results/augmentation_extraction.md
 
 After Physics of LMs 3.1: pretrain the configs/quickstart.py model (0.9M parameters) on biographies of 50 people
-(`simple`: one fixed biography per person; `multi_permute`: five biographies per person, each with a fresh
-template per attribute and a shuffled sentence order), 85% of the tokens, mixed with 15% stories, for 300 steps
-(about 80 exposures per person); then fine-tune (the 'cpt' stage, 100 steps, no replay) on QA pairs about the
-QA-train half of the people. Memorization is exact match on a person's own training biography cut before the
-value; extraction is QA accuracy on the other half, the QA-test people, whose facts were only ever seen in
-biographies (`bios_facts/qa_test/greedy`). Both settings share one tokenizer (trained on both formats). 2 settings
-x 3 seeds = 6 runs, about 4 worker-minutes each on the 2-core CPU. Paper, at GPT-2 scale: 9.7% (simple) vs
-96.6% (multi5+permute).
+(`simple`: one fixed biography per person; `multi_permute`: five biographies per person, each with a fresh template
+per attribute and a shuffled sentence order), 85% of the tokens, mixed with 15% stories, for 300 steps (about 80
+exposures per person); then fine-tune (the 'cpt' stage, 100 steps, no replay) on QA pairs about the QA-train half of
+the people. Memorization is exact match on a person's own training biography cut before the value; extraction is QA
+accuracy on the other half, the QA-test people, whose facts were only ever seen in biographies
+(`bios_facts/qa_test/greedy`). Both settings share one tokenizer (trained on both formats). 2 settings x 5 seeds =
+10 runs, about 4 worker-minutes each on the 2-core CPU (the shipped report ran 3 seeds, before the default became
+5). Paper, at GPT-2 scale: 9.7% (simple) vs 96.6% (multi5+permute).
 
 `:smoke` runs both formats x 2 seeds of the quickstart smoke model in seconds each.
 """
@@ -83,4 +83,4 @@ def get_config(arg: str = ""):
 def get_sweep(arg: str = ""):
   smoke = "smoke" in _opts(arg)
   settings = [X.setting(fmt, format_overrides(fmt, smoke)) for fmt in FORMATS]
-  return X.product(settings, X.seeds(2 if smoke else 3))
+  return X.product(settings, X.seeds(2 if smoke else X.DEFAULT_SEEDS))

@@ -4,14 +4,15 @@ r"""Knowledge capacity: bits per parameter against parameter count, at 100 and 1
   python -m llmstages.compare /tmp/sweeps/capacity_cpu --out=experiments/results/capacity.md
 
 Base: configs/capacity.py (pretrain only, on bios(multi_permute)). No arg, the whole design: 2000 people, model
-size xs / s / m (35K / 76K / 131K parameters) x exposures 100 / 1000 x dropout 0 / 0.1, 3 seeds: 36 runs; 100
+size xs / s / m (35K / 76K / 131K parameters) x exposures 100 / 1000 x dropout 0 / 0.1, 5 seeds: 60 runs; 100
 exposures are 25M tokens (12-20 minutes a run on the 2-core CPU, measured 37K tokens/s for xs alone), 1000
 exposures 250M tokens (2-3 hours a run): not run here. R_max is about 3.6 / 1.7 / 1.0 bits/param for these sizes.
 
-`:cpu`, what experiments/results/capacity.md ran: 200 people (2.5M tokens for 100 exposures), sizes xxs / xs
-(14K / 35K parameters, R_max below 1 bit/param for both, so neither is saturated) x dropout 0 / 0.1 at 100
-exposures, 3 seeds: 12 runs of about 2-3 worker-minutes. Physics of LMs 3.3 reports R >= 1 bit/param at 100 exposures and >= 2 at 1000 for
-1M-0.5B parameters with dropout off; these models are below that size range.
+`:cpu`, what experiments/results/capacity.md ran: 200 people (2.5M tokens for 100 exposures), sizes xxs / xs (14K /
+35K parameters, R_max below 1 bit/param for both, so neither is saturated) x dropout 0 / 0.1 at 100 exposures, 5
+seeds: 20 runs of about 2-3 worker-minutes (the shipped report ran 3 seeds, before the default became 5). `seeds=N`
+sets the seed count. Physics of LMs 3.3 reports R >= 1 bit/param at 100 exposures and >= 2 at 1000 for 1M-0.5B
+parameters with dropout off; these models are below that size range.
 
 `:smoke` runs sizes xs and s x dropout 0 / 0.1, one seed, 8 steps each: seconds a run (the tests' shape).
 """
@@ -55,7 +56,7 @@ def get_sweep(arg: str = ""):
   people = CPU_PEOPLE if cpu else 100 if smoke else cap.PEOPLE
   sizes = ("xs", "s") if smoke else ("xxs", "xs") if cpu else ("xs", "s", "m")
   exposures = (100,) if smoke or cpu else (100, 1000)
-  n_seeds = int(opts.get("seeds") or (1 if smoke else 3))
+  n_seeds = int(opts.get("seeds") or (1 if smoke else X.DEFAULT_SEEDS))
   settings = []
   for size in sizes:
     for e in exposures:

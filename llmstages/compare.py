@@ -1,17 +1,23 @@
 r"""Compares the runs of a sweep: per stage, each setting's metrics over seeds, paired differences, and two plots.
 
   python -m llmstages.compare DIR [--out=REPORT.md]
+  python -m llmstages.compare --from_json=REPORT.json [--out=REPORT.md]
 
 Reads DIR/sweep.json (the experiment's metrics, Pareto pair and baseline, written by `python -m llmstages.sweep`)
 and every finished run's DIR/runs/<hash>/{run.json, result.json, <stage>/eval.json}. Per stage and setting, each
-metric is the mean over seeds with a 95% percentile-bootstrap interval over seeds (`bootstrap_ci`); every other
-setting gets the paired difference against the baseline, paired by seed (`paired_bootstrap_diff`), marked * where
-its interval excludes 0 with at least 3 seeds (RESEARCH.md: the claim the report can support). Writes REPORT.md
-(default DIR/report.md), REPORT.json with the same numbers, and beside them two PNG plots: REPORT.pareto.png (the
-experiment's PARETO pair, e.g. factual accuracy against diversity, with both intervals as error bars, one panel per
-stage) and REPORT.trajectory.png (each metric after each stage, one line per setting).
-"""
+metric is the mean over seeds with a 95% Student-t interval over seeds (`metrics.t_interval`); every other setting
+gets the paired difference against the baseline, paired by seed, with the paired t-interval over seeds
+(`paired_difference`), marked * where it excludes 0 with at least 3 seeds (RESEARCH.md: the claim the report can
+support). The t-interval's false-claim rate is 5% at every seed count for normal per-seed differences; the
+percentile bootstrap used before claimed whenever all three differences of 3 seeds had one sign (a quarter of null
+comparisons). Writes REPORT.md (default DIR/report.md), REPORT.json with the same numbers, every per-seed value
+and what the report's header needs, and beside them two PNG plots: REPORT.pareto.png (the experiment's PARETO
+pair, e.g. factual accuracy against diversity, with both intervals as error bars, one panel per stage) and
+REPORT.trajectory.png (each metric after each stage, one line per setting).
 
+`--from_json` recomputes every interval and claim from the per-seed values of an earlier REPORT.json (the sweep
+directory may be gone) and writes the report, JSON and plots again (default: REPORT.md beside it).
+"""
 from __future__ import annotations
 
 import datetime
@@ -28,8 +34,13 @@ from llmstages import cli
 from llmstages.evals import metrics as M
 
 _OUT = flags.DEFINE_string("out", "", "The Markdown report; '' writes DIR/report.md. Plots and JSON go beside it.")
+_FROM_JSON = flags.DEFINE_string("from_json", "", "Re-render from this REPORT.json's per-seed values, not a DIR.")
 
 MIN_SEEDS_FOR_CLAIM = 3
+ALPHA = 0.05
+PROCEDURE = f"paired t-interval over seeds, {1 - ALPHA:.0%}"
+# Keys of REPORT.json that `--from_json` needs besides the numbers (older reports lack them: see `from_json`).
+HEADER_KEYS = ("description", "sweep_command", "hosts", "seeds", "planned_runs", "unfinished", "pareto")
 
 
 def merge_stage_orders(orders: list[list[str]]) -> list[str]:
@@ -75,11 +86,23 @@ def load_sweep(directory: str) -> tuple[dict, list[dict]]:
   return sweep, runs
 
 
-def _interval(values: list[float], seed: int = 0) -> dict:
+def interval(values: list[float]) -> dict:
+  """Mean over seeds and its Student-t interval; bounds are nan with fewer than 2 seeds."""
   if not values:
     return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
-  est, lo, hi = M.bootstrap_ci(np.asarray(values, np.float64), seed=seed)
+  est, lo, hi = M.t_interval(values, ALPHA)
   return {"mean": est, "lo": lo, "hi": hi, "n": len(values)}
+
+
+def paired_difference(values: dict, base: dict) -> dict:
+  """The report's claim rule: setting minus baseline over the seeds both have ({seed: value} each), with the
+  paired t-interval over seeds; `claim` where it excludes 0 with at least MIN_SEEDS_FOR_CLAIM seeds."""
+  common = sorted(set(values) & set(base))
+  if not common:
+    return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0, "claim": False}
+  est, lo, hi = M.paired_t_diff([values[s] for s in common], [base[s] for s in common], ALPHA)
+  claim = len(common) >= MIN_SEEDS_FOR_CLAIM and (lo > 0 or hi < 0)
+  return {"mean": est, "lo": lo, "hi": hi, "n": len(common), "claim": bool(claim)}
 
 
 def settings_in_order(runs: list[dict]) -> list[str]:
@@ -90,46 +113,75 @@ def settings_in_order(runs: list[dict]) -> list[str]:
   return out
 
 
-def summarize(sweep: dict, runs: list[dict]) -> dict:
-  """Every number of the report: per stage, setting and metric the per-seed values, mean and interval; the paired
-  differences against the baseline."""
-  metrics, stages, baseline = sweep["metrics"], sweep["stages"], sweep["baseline"]
-  wanted = list(dict.fromkeys(list(metrics) + list(sweep.get("pareto") or [])))
+def wanted_metrics(sweep: dict) -> list[str]:
+  return list(dict.fromkeys(list(sweep["metrics"]) + list(sweep.get("pareto") or [])))
+
+
+def per_seed_values(sweep: dict, runs: list[dict]) -> dict:
+  """stage -> setting -> metric -> {seed: value} over the finished runs (finite values only)."""
   finished = [r for r in runs if r["finished"]]
-  settings = settings_in_order(runs)
-  per_seed: dict = {}  # stage -> setting -> metric -> {seed: value}
-  for stage in stages:
-    for setting in settings:
-      for metric in wanted:
+  per_seed: dict = {}
+  for stage in sweep["stages"]:
+    for setting in settings_in_order(runs):
+      for metric in wanted_metrics(sweep):
         vals = {}
         for r in finished:
           v = r["evals"].get(stage, {}).get(metric)
           if r["setting"] == setting and isinstance(v, (int, float)) and math.isfinite(v):
             vals[r["seed"]] = float(v)
         per_seed.setdefault(stage, {}).setdefault(setting, {})[metric] = vals
+  return per_seed
+
+
+def summarize(per_seed: dict, stages: list[str], settings: list[str], metrics: list[str], baseline: str) -> dict:
+  """Every number of the report: per stage, setting and metric the per-seed values, mean and interval; the paired
+  differences against the baseline."""
   table: dict = {}
   paired: dict = {}
   for stage in stages:
     for setting in settings:
-      for metric in wanted:
+      for metric in metrics:
         vals = per_seed[stage][setting][metric]
-        seeds = sorted(vals)
-        row = _interval([vals[s] for s in seeds])
-        table.setdefault(stage, {}).setdefault(setting, {})[metric] = {**row, "values": {str(s): vals[s]
-                                                                                         for s in seeds}}
+        row = interval([vals[s] for s in sorted(vals)])
+        table.setdefault(stage, {}).setdefault(setting, {})[metric] = {
+            **row, "values": {str(s): vals[s] for s in sorted(vals)}}
         if setting == baseline or baseline not in per_seed[stage]:
           continue
-        base = per_seed[stage][baseline][metric]
-        common = sorted(set(vals) & set(base))
-        if common:
-          est, lo, hi = M.paired_bootstrap_diff(np.array([vals[s] for s in common]),
-                                                np.array([base[s] for s in common]))
-          diff = {"mean": est, "lo": lo, "hi": hi, "n": len(common),
-                  "claim": len(common) >= MIN_SEEDS_FOR_CLAIM and (lo > 0 or hi < 0)}
-        else:
-          diff = {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0, "claim": False}
+        diff = paired_difference(vals, per_seed[stage][baseline][metric])
         paired.setdefault(stage, {}).setdefault(setting, {})[metric] = diff
-  return {"settings": settings, "table": table, "paired": paired}
+  return {"settings": settings, "table": table, "paired": paired, "procedure": PROCEDURE}
+
+
+def report_from_sweep(sweep: dict, runs: list[dict]) -> dict:
+  """The report's content: the sweep's header facts and `summarize`'s numbers."""
+  finished = [r for r in runs if r["finished"]]
+  settings = settings_in_order(runs)
+  return {
+      "experiment": sweep["experiment"], "description": sweep.get("description", ""), "baseline": sweep["baseline"],
+      "stages": sweep["stages"], "metrics": sweep["metrics"], "pareto": list(sweep.get("pareto") or []),
+      "sweep_command": sweep.get("command", "python -m llmstages.sweep"),
+      "hosts": sorted({f"{r['result'].get('host', '?')} ({r['result'].get('devices', '?')})" for r in finished}),
+      "seeds": sorted({r["seed"] for r in runs}), "planned_runs": len(runs),
+      "unfinished": [{"setting": r["setting"], "seed": r["seed"], "hash": r["hash"]} for r in runs
+                     if not r["finished"]],
+      **summarize(per_seed_values(sweep, runs), sweep["stages"], settings, wanted_metrics(sweep), sweep["baseline"])}
+
+
+def report_from_json(path: str) -> dict:
+  """A report recomputed from an earlier REPORT.json: its per-seed values through today's `summarize`."""
+  with open(path) as f:
+    old = json.load(f)
+  missing = [k for k in HEADER_KEYS if k not in old]
+  if missing:
+    raise ValueError(f"{path} lacks {missing}: it was written before REPORT.json kept the report's header; "
+                     f"re-run `python -m llmstages.compare DIR` on the sweep directory")
+  per_seed = {stage: {setting: {metric: {int(seed): v for seed, v in row["values"].items()}
+                                for metric, row in rows.items()}
+                      for setting, rows in by_setting.items()}
+              for stage, by_setting in old["table"].items()}
+  metrics = list(dict.fromkeys(list(old["metrics"]) + list(old["pareto"])))
+  return {**{k: old[k] for k in ("experiment", "baseline", "stages", "metrics", *HEADER_KEYS)},
+          **summarize(per_seed, old["stages"], old["settings"], metrics, old["baseline"])}
 
 
 def _fmt(x: float) -> str:
@@ -141,6 +193,8 @@ def _cell(row: dict, signed: bool = False) -> str:
     return "-"
   mean = f"{row['mean']:+.4g}" if signed and math.isfinite(row["mean"]) else _fmt(row["mean"])
   star = " *" if row.get("claim") else ""
+  if not (math.isfinite(row["lo"]) and math.isfinite(row["hi"])):
+    return f"{mean} [n={row['n']}]"  # One seed: no interval.
   return f"{mean} [{_fmt(row['lo'])}, {_fmt(row['hi'])}]{star}"
 
 
@@ -155,15 +209,21 @@ def machine() -> str:
   return f"{platform.node()} ({platform.platform()}; {os.cpu_count()} CPUs: {cpu}; Python {platform.python_version()})"
 
 
-def write_plots(sweep: dict, summary: dict, pareto_path: str, trajectory_path: str) -> None:
-  import matplotlib
+def _error(row: dict) -> list[list[float]]:
+  """Error-bar lengths below and above the mean; 0 where there is no interval (one seed)."""
+  below, above = row["mean"] - row["lo"], row["hi"] - row["mean"]
+  return [[below if math.isfinite(below) else 0.0], [above if math.isfinite(above) else 0.0]]
+
+
+def write_plots(report: dict, pareto_path: str, trajectory_path: str) -> None:
+  import matplotlib  # Plotting only: keeps `import llmstages.compare` light.
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  stages, settings, table = sweep["stages"], summary["settings"], summary["table"]
+  stages, settings, table = report["stages"], report["settings"], report["table"]
   colors = plt.get_cmap("tab20" if len(settings) > 10 else "tab10")
   color = {s: colors(i % colors.N) for i, s in enumerate(settings)}
-  x_key, y_key = (sweep.get("pareto") or sweep["metrics"][:2])[:2]
+  x_key, y_key = (report["pareto"] or report["metrics"][:2])[:2]
 
   fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4.5), squeeze=False)
   for ax, stage in zip(axes[0], stages):
@@ -172,9 +232,8 @@ def write_plots(sweep: dict, summary: dict, pareto_path: str, trajectory_path: s
       x, y = table[stage][s][x_key], table[stage][s][y_key]
       if x["n"] == 0 or y["n"] == 0:
         continue
-      ax.errorbar(x["mean"], y["mean"], xerr=[[x["mean"] - x["lo"]], [x["hi"] - x["mean"]]],
-                  yerr=[[y["mean"] - y["lo"]], [y["hi"] - y["mean"]]], fmt="o", color=color[s], capsize=3,
-                  label=f"{s}{' (baseline)' if s == sweep['baseline'] else ''}")
+      ax.errorbar(x["mean"], y["mean"], xerr=_error(x), yerr=_error(y), fmt="o", color=color[s], capsize=3,
+                  label=f"{s}{' (baseline)' if s == report['baseline'] else ''}")
       points.append((x["mean"], y["mean"]))
     front = sorted(p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points))
     if len(front) > 1:
@@ -184,12 +243,12 @@ def write_plots(sweep: dict, summary: dict, pareto_path: str, trajectory_path: s
     ax.set_title(f"after stage '{stage}'")
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-  fig.suptitle("mean over seeds, 95% bootstrap interval over seeds on both axes")
+  fig.suptitle(f"mean over seeds, {1 - ALPHA:.0%} t-interval over seeds on both axes")
   fig.tight_layout()
   fig.savefig(pareto_path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
-  metrics = sweep["metrics"]
+  metrics = report["metrics"]
   cols = min(3, len(metrics))
   rows = math.ceil(len(metrics) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
@@ -200,11 +259,9 @@ def write_plots(sweep: dict, summary: dict, pareto_path: str, trajectory_path: s
       rows_ = [table[st][s][metric] for st in stages]
       has = np.array([r["n"] > 0 for r in rows_])  # A setting's line joins the stages it was scored after.
       mean = np.array([r["mean"] for r in rows_])[has]
-      lo = np.array([r["lo"] for r in rows_])[has]
-      hi = np.array([r["hi"] for r in rows_])[has]
+      err = np.array([np.ravel(_error(r)) for r in rows_]).reshape(-1, 2)[has].T
       offset = (j - (len(settings) - 1) / 2) * 0.02  # Keeps overlapping error bars apart.
-      ax.errorbar(xs[has] + offset, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=2, color=color[s],
-                  label=s)
+      ax.errorbar(xs[has] + offset, mean, yerr=err, marker="o", capsize=2, color=color[s], label=s)
     ax.set_xticks(xs, stages)
     ax.set_title(metric, fontsize=9)
     ax.grid(alpha=0.3)
@@ -212,77 +269,90 @@ def write_plots(sweep: dict, summary: dict, pareto_path: str, trajectory_path: s
     axes[k // cols][k % cols].axis("off")
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-  fig.suptitle("each metric after each stage (mean over seeds, 95% bootstrap interval)")
+  fig.suptitle(f"each metric after each stage (mean over seeds, {1 - ALPHA:.0%} t-interval)")
   fig.tight_layout()
   fig.savefig(trajectory_path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
-def render(sweep: dict, runs: list[dict], summary: dict, command: str, plots: tuple[str, str]) -> str:
-  stages, metrics, baseline = sweep["stages"], sweep["metrics"], sweep["baseline"]
-  settings = summary["settings"]
-  finished = [r for r in runs if r["finished"]]
-  hosts = sorted({f"{r['result'].get('host', '?')} ({r['result'].get('devices', '?')})" for r in finished})
-  seeds = sorted({r["seed"] for r in runs})
+def render(report: dict, command: str, plots: tuple[str, str]) -> str:
+  stages, metrics, baseline = report["stages"], report["metrics"], report["baseline"]
+  settings = report["settings"]
+  finished = report["planned_runs"] - len(report["unfinished"])
   lines = [
-      f"# Sweep report: {sweep['experiment']}", "",
-      sweep.get("description", ""), "",
+      f"# Sweep report: {report['experiment']}", "",
+      report["description"], "",
       f"- Report made by `{command}` on {machine()} at {datetime.datetime.now().isoformat(timespec='seconds')}.",
-      f"- Runs made by `{sweep.get('command', 'python -m llmstages.sweep')}`; they ran on: "
-      f"{', '.join(hosts) or 'none finished'}.",
-      f"- {len(finished)} of {len(runs)} planned runs finished ({len(settings)} settings x seeds {seeds}).",
-      f"- Each cell: mean over seeds [95% percentile-bootstrap interval over seeds, 1000 resamples]. With 2-3 seeds "
-      f"the interval is coarse. Paired differences: setting minus the baseline `{baseline}` on the same seeds; * "
-      f"marks an interval that excludes 0 with at least {MIN_SEEDS_FOR_CLAIM} seeds.",
+      f"- Runs made by `{report['sweep_command']}`; they ran on: {', '.join(report['hosts']) or 'none finished'}.",
+      f"- {finished} of {report['planned_runs']} planned runs finished ({len(settings)} settings x seeds "
+      f"{report['seeds']}).",
+      f"- Each cell: mean over seeds [{1 - ALPHA:.0%} Student-t interval over seeds]. Paired differences: setting "
+      f"minus the baseline `{baseline}` on the same seeds, with the {report['procedure']}; * marks an interval "
+      f"that excludes 0 with at least {MIN_SEEDS_FOR_CLAIM} seeds (a {ALPHA:.0%} false-claim rate per cell when "
+      f"the two settings do not differ). With 3 seeds the interval is wide: t = 4.30 standard errors.",
   ]
-  missing = [r for r in runs if not r["finished"]]
-  if missing:
+  if report["unfinished"]:
     lines += ["", "Unfinished runs (not in the numbers):", ""]
-    lines += [f"- {r['setting']} seed {r['seed']}: runs/{r['hash']}" for r in missing]
+    lines += [f"- {r['setting']} seed {r['seed']}: runs/{r['hash']}" for r in report["unfinished"]]
   header = ["| setting | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
   for stage in stages:
     lines += ["", f"## After stage `{stage}`", "", *header]
     for s in settings:
-      n = max(summary["table"][stage][s][m]["n"] for m in metrics)
+      n = max(report["table"][stage][s][m]["n"] for m in metrics)
       name = f"{s} (baseline)" if s == baseline else s
-      lines.append(f"| {name} | {n} | " + " | ".join(_cell(summary["table"][stage][s][m]) for m in metrics) + " |")
-    if stage in summary["paired"]:
-      lines += ["", f"Paired difference against `{baseline}` (same seeds):", "", *header]
-      for s, row in summary["paired"][stage].items():
+      lines.append(f"| {name} | {n} | " + " | ".join(_cell(report["table"][stage][s][m]) for m in metrics) + " |")
+    if stage in report["paired"]:
+      lines += ["", f"Paired difference against `{baseline}` (same seeds; {report['procedure']}):", "", *header]
+      for s, row in report["paired"][stage].items():
         n = max(row[m]["n"] for m in metrics)
         lines.append(f"| {s} | {n} | " + " | ".join(_cell(row[m], signed=True) for m in metrics) + " |")
-  x_key, y_key = (sweep.get("pareto") or metrics[:2])[:2]
+  x_key, y_key = (report["pareto"] or metrics[:2])[:2]
   lines += ["", "## Plots", "",
-            f"`{y_key}` against `{x_key}` per stage, with 95% intervals on both axes; the dashed line joins the "
-            f"settings no other setting beats on both:", "", f"![pareto]({os.path.basename(plots[0])})", "",
-            "Each metric after each stage, one line per setting:", "", f"![trajectory]({os.path.basename(plots[1])})",
-            ""]
+            f"`{y_key}` against `{x_key}` per stage, with {1 - ALPHA:.0%} intervals on both axes; the dashed line "
+            f"joins the settings no other setting beats on both:", "", f"![pareto]({os.path.basename(plots[0])})",
+            "", "Each metric after each stage, one line per setting:", "",
+            f"![trajectory]({os.path.basename(plots[1])})", ""]
   return "\n".join(lines)
 
 
-def compare(directory: str, out: str = "", command: str = "") -> dict:
-  """Writes the report, its JSON and both plots; returns the paths and the summary."""
-  sweep, runs = load_sweep(directory)
-  out = out or os.path.join(directory, "report.md")
+def write(report: dict, out: str, command: str) -> dict:
+  """Writes REPORT.md, REPORT.json and both plots; returns their paths."""
   stem = out[:-3] if out.endswith(".md") else out
   paths = {"report": out, "json": f"{stem}.json", "pareto": f"{stem}.pareto.png",
            "trajectory": f"{stem}.trajectory.png"}
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  summary = summarize(sweep, runs)
-  write_plots(sweep, summary, paths["pareto"], paths["trajectory"])
-  command = command or "python -m llmstages.compare " + " ".join(sys.argv[1:])
+  write_plots(report, paths["pareto"], paths["trajectory"])
   with open(out, "w") as f:
-    f.write(render(sweep, runs, summary, command, (paths["pareto"], paths["trajectory"])))
+    f.write(render(report, command, (paths["pareto"], paths["trajectory"])))
   with open(paths["json"], "w") as f:
-    json.dump({"experiment": sweep["experiment"], "baseline": sweep["baseline"], "stages": sweep["stages"],
-               "metrics": sweep["metrics"], **summary}, f, indent=2, sort_keys=True)
-  return {"paths": paths, "summary": summary}
+    json.dump(report, f, indent=2, sort_keys=True)
+  return paths
+
+
+def compare(directory: str, out: str = "", command: str = "") -> dict:
+  """Writes the report of the sweep in `directory`, its JSON and both plots; returns the paths and the summary."""
+  report = report_from_sweep(*load_sweep(directory))
+  command = command or "python -m llmstages.compare " + " ".join(sys.argv[1:])
+  return {"paths": write(report, out or os.path.join(directory, "report.md"), command), "summary": report}
+
+
+def from_json(path: str, out: str = "", command: str = "") -> dict:
+  """Re-renders an earlier report from the per-seed values in its REPORT.json (see `report_from_json`)."""
+  report = report_from_json(path)
+  command = command or "python -m llmstages.compare " + " ".join(sys.argv[1:])
+  out = out or (path[:-5] if path.endswith(".json") else path) + ".md"
+  return {"paths": write(report, out, command), "summary": report}
 
 
 def main(argv):
-  if len(argv) != 2:
-    raise app.UsageError("usage: python -m llmstages.compare DIR [--out=REPORT.md]")
-  result = compare(argv[1], _OUT.value)
+  if _FROM_JSON.value:
+    if len(argv) != 1:
+      raise app.UsageError("usage: python -m llmstages.compare --from_json=REPORT.json [--out=REPORT.md] (no DIR)")
+    result = from_json(_FROM_JSON.value, _OUT.value)
+  else:
+    if len(argv) != 2:
+      raise app.UsageError("usage: python -m llmstages.compare DIR [--out=REPORT.md]")
+    result = compare(argv[1], _OUT.value)
   print("\n".join(f"wrote {p}" for p in result["paths"].values()))
 
 

@@ -103,6 +103,9 @@ def dpo_config() -> ml_collections.ConfigDict:
   d.beta = 0.1
   d.label_smoothing = 0.0  # cDPO's eps: the assumed share of flipped preference labels.
   d.loss = "sigmoid"  # sigmoid | ipo
+  # IPO only: each side's log-ratio as its mean over completion tokens ('token_mean', as TRL does on the IPO
+  # authors' advice) or its sum ('sum', the sequence log-prob of the paper's formula). Sigmoid DPO always sums.
+  d.ipo_logps = "token_mean"
   d.reference = ""  # Stage whose final parameters are the frozen reference; '' = init_from.
   return d
 
@@ -112,10 +115,14 @@ def rl_config(kind: str) -> ml_collections.ConfigDict:
   r = ml_collections.ConfigDict()
   r.num_generations = 4  # Samples per prompt (GRPO's group size G); batch_size counts sequences.
   r.max_new_tokens = 32
-  r.temperature = 1.0
+  r.temperature = 1.0  # > 0. Sampling, and the old, reference and policy log-probs (logits / temperature, as TRL).
   r.top_p = 1.0
   r.kl_coef = 0.04 if kind == "grpo" else 0.05  # GRPO: k3 in the loss; PPO: k1 per token in the reward.
   r.clip_eps = 0.2
+  # GRPO: how per-token losses are averaged (TRL's loss_type). 'dapo' (default, TRL's current default): over every
+  # completion token of the batch; 'grpo' (DeepSeekMath): per sequence, then over sequences; 'dr_grpo' (Dr. GRPO):
+  # summed and divided by max_new_tokens x sequences, a constant. Exact under grad_accum for all three.
+  r.loss_type = "dapo"
   r.updates_per_rollout = 1 if kind == "grpo" else 2  # Optimizer steps per rollout batch (PPO epochs).
   r.kinds = ()  # Prompt kinds kept (e.g. ('arith',)); () keeps all.
   r.reference = ""  # Frozen reference stage; '' = init_from.

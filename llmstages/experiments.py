@@ -64,6 +64,11 @@ def product(*lists: Iterable[dict]) -> list[dict]:
   return out
 
 
+# Seeds per setting of a full experiment. compare's paired t-interval claims a difference of 3 standard deviations
+# (of the per-seed difference) 75% of the time at 3 seeds and 99.8% at 5, at the same 5% false-claim rate.
+DEFAULT_SEEDS = 5
+
+
 def seeds(n: int, start: int = 0) -> list[dict]:
   return [{"seed": s} for s in range(start, start + n)]
 

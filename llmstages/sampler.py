@@ -9,8 +9,9 @@ nothing. Temperature 0 is a true argmax. Temperature, top-k and top-p are traced
 whether any top-k/top-p filtering exists is static. A row stops at EOS and is padded after it (log-prob 0).
 
 Log-probs: at temperature > 0, each token's log-prob under the distribution it was drawn from (temperature
-scaled, then filtered); at temperature 0, its log-prob at temperature 1. At temperature 1 without filtering
-these are the training code's log-probs of the same tokens.
+scaled, then filtered by `filter_logits`: top-k, then top-p on the renormalized top-k mass); at temperature 0,
+its log-prob at temperature 1. At temperature 1 without filtering these are the training code's log-probs of the
+same tokens.
 
 Optional MC dropout (`mc_dropout > 0`) keeps dropout on at every site during sampling: a second source of
 randomness, even at temperature 0.
@@ -72,19 +73,28 @@ def _choose(logits_BxV, key, temperature, top_k, top_p, filtering: bool):
   return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
+def filter_logits(scaled_BxV, top_k, top_p):
+  """Top-k, then top-p over the renormalized top-k distribution (Hugging Face's TopK then TopP warpers, vLLM):
+  the kept tokens keep their logits, the others get -inf. top_k = 0 keeps every token; ties with the k-th logit
+  stay, as in Hugging Face. Top-p keeps the smallest set, by descending probability, whose mass reaches top_p,
+  the top token always; that mass is measured after top-k, so top_k=2, top_p=0.5 on probabilities
+  (0.4, 0.3, 0.2, 0.1) keeps only the first token (4/7 >= 0.5), where a top-p over all four would keep two."""
+  v = scaled_BxV.shape[-1]
+  sorted_BxV = jnp.sort(scaled_BxV, axis=-1)[:, ::-1]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  kth_B = jnp.take(sorted_BxV, k - 1, axis=-1)
+  in_k_BxV = sorted_BxV >= kth_B[:, None]
+  probs_sorted = jax.nn.softmax(jnp.where(in_k_BxV, sorted_BxV, -jnp.inf), axis=-1)  # Renormalized after top-k.
+  before_BxV = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted  # Mass strictly above each entry.
+  keep_sorted = in_k_BxV & (before_BxV < top_p)
+  threshold_B = jnp.min(jnp.where(keep_sorted, sorted_BxV, jnp.inf), axis=-1)
+  return jnp.where(scaled_BxV >= threshold_B[:, None], scaled_BxV, -jnp.inf)
+
+
 def _sample(logits, key, temperature, top_k, top_p, filtering: bool):
   scaled = logits / temperature
   if filtering:
-    sorted_BxV = jnp.sort(scaled, axis=-1)[:, ::-1]
-    v = logits.shape[-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    kth_B = jnp.take(sorted_BxV, k - 1, axis=-1)
-    probs_sorted = jax.nn.softmax(sorted_BxV, axis=-1)
-    before_BxV = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted  # Mass strictly above each entry.
-    keep_sorted = before_BxV < top_p  # The smallest set whose mass reaches top_p (the top token always stays).
-    pth_B = jnp.min(jnp.where(keep_sorted, sorted_BxV, jnp.inf), axis=-1)
-    threshold_B = jnp.maximum(kth_B, pth_B)
-    scaled = jnp.where(scaled >= threshold_B[:, None], scaled, -jnp.inf)
+    scaled = filter_logits(scaled, top_k, top_p)
   token_B = first_argmax(scaled + jax.random.gumbel(key, scaled.shape))  # Gumbel-max: a categorical draw.
   logp_sampled = jax.nn.log_softmax(scaled, axis=-1)
   return token_B, jnp.take_along_axis(logp_sampled, token_B[:, None], axis=-1)[:, 0]

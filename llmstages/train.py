@@ -30,6 +30,7 @@ import optax
 from llmstages import checkpoint as ckpt_lib
 from llmstages import partitioning
 from llmstages import regularization as reg_lib
+from llmstages import seeds
 from llmstages import stages as stages_lib
 from llmstages.metrics import MetricsWriter, Progress
 from llmstages.model import HEAD_PARAMS, Decoder, ModelConfig, RegSites
@@ -254,12 +255,6 @@ def _init_params(model, rng):
   return nn.unbox(model.init({"params": rng}, tokens))["params"]
 
 
-def stage_seed_key(seed: int, stage_name: str) -> jax.Array:
-  """A stage's RNG stream: the run seed folded with a stable hash of the stage name."""
-  h = int.from_bytes(stage_name.encode()[:4].ljust(4, b"\0"), "little") ^ len(stage_name)
-  return jax.random.fold_in(jax.random.key(seed), h)
-
-
 def validate_stage_config(config, name: str) -> None:
   if name not in config:
     raise ValueError(f"config.stages names {name!r} but there is no config.{name} block")
@@ -295,7 +290,7 @@ def build_context(config, name: str, mesh=None) -> StageContext:
   lm_model = Decoder(mc, RegSites())
   tx = make_optimizer(scfg)
   lr_fn = make_lr_schedule(scfg)
-  seed_key = stage_seed_key(config.seed, name)
+  seed_key = seeds.stage_key(config.seed, name)
 
   def abstract_init(rng):
     params = model.init({"params": rng}, jnp.zeros((1, 8), jnp.int32))["params"]

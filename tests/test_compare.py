@@ -8,9 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from llmstages import compare
 from tests.test_sweep import ROOT, _env, smoke_sweep
+
+T_975_2DF = 4.302652729749464  # Student-t 97.5% quantile, 2 degrees of freedom (3 seeds), from tables.
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,18 +54,23 @@ def test_report_numbers_are_seed_means_and_paired_differences(tmp_path):
       for m in ("acc", "div"):
         seeds = [values[(setting, s)][stage][m] for s in range(3)]
         row = table[stage][setting][m]
+        half = T_975_2DF * np.std(seeds, ddof=1) / np.sqrt(3)
         assert row["n"] == 3 and np.isclose(row["mean"], np.mean(seeds))
-        assert row["lo"] <= row["mean"] <= row["hi"]
-        assert min(seeds) - 1e-12 <= row["lo"] and row["hi"] <= max(seeds) + 1e-12
+        np.testing.assert_allclose([row["lo"], row["hi"]], [np.mean(seeds) - half, np.mean(seeds) + half], atol=1e-12)
   # b - a is exactly +0.2 on every seed after s1: the interval is that point and excludes 0; after s2 it is -0.1.
   d = paired["s1"]["b"]["acc"]
   assert np.isclose(d["mean"], 0.2) and np.isclose(d["lo"], 0.2) and np.isclose(d["hi"], 0.2) and d["claim"]
   assert np.isclose(paired["s2"]["b"]["acc"]["mean"], -0.1) and paired["s2"]["b"]["acc"]["claim"]
-  assert paired["s1"]["b"]["div"]["lo"] == 0.0 and not paired["s1"]["b"]["div"]["claim"]  # Touches 0.
+  # Differences 0, 0.01, 0.02 share a sign (the old percentile bootstrap claimed them); the t-interval
+  # 0.01 -+ 4.303 * 0.01 / sqrt(3) does not exclude 0.
+  d = paired["s1"]["b"]["div"]
+  np.testing.assert_allclose([d["lo"], d["hi"]], 0.01 + np.array([-1, 1]) * T_975_2DF * 0.01 / np.sqrt(3), atol=1e-12)
+  assert not d["claim"]
   assert "a" not in paired["s1"]  # No difference of the baseline with itself.
   text = open(out["paths"]["report"]).read()
   assert "python -m llmstages.compare X" in text and "testhost" in text and "6 of 7 planned runs finished" in text
   assert "b seed 9: runs/unfinished" in text and "+0.2 [0.2, 0.2] *" in text
+  assert "paired t-interval over seeds, 95%" in text and out["summary"]["procedure"] in text
   for key in ("pareto", "trajectory"):
     with open(out["paths"][key], "rb") as f:
       assert f.read(8) == PNG
@@ -110,3 +118,67 @@ def test_stages_of_two_routes_merge_in_order():
   for route in (dpo, ppo):  # Each route's own order survives.
     assert [s for s in merged if s in route] == route
   assert compare.merge_stage_orders([["a", "b"], ["a", "b"]]) == ["a", "b"]
+
+
+def _claim_rate(rng, n_seeds: int, trials: int, effect: float, noise) -> float:
+  """Share of `trials` comparisons that compare.paired_difference (the report's rule) claims. Per seed, both
+  settings share a seed effect; each run adds its own noise; `effect` is in standard deviations of the per-seed
+  difference."""
+  claims = 0
+  for _ in range(trials):
+    seed_effect = rng.normal(size=n_seeds)
+    a_noise, b_noise = noise(rng, n_seeds), noise(rng, n_seeds)
+    base = dict(enumerate(seed_effect + b_noise))
+    setting = dict(enumerate(seed_effect + a_noise + effect * np.sqrt(2.0)))  # Var(a - b) = 2 for unit noise.
+    claims += compare.paired_difference(setting, base)["claim"]
+  return claims / trials
+
+
+def test_claim_rule_has_a_5_percent_false_claim_rate_and_keeps_power():
+  rng = np.random.default_rng(0)
+  normal = lambda r, n: r.normal(size=n)  # noqa: E731
+  skewed = lambda r, n: r.exponential(size=n) - 1.0  # noqa: E731  Unit variance, skewed; a - b is symmetric.
+  for n_seeds in range(3, 11):  # 1000 null comparisons at each seed count, 8000 in all.
+    rate = _claim_rate(rng, n_seeds, 1000, 0.0, normal)
+    assert rate <= 0.07, (n_seeds, rate)  # Nominal 0.05; the percentile bootstrap gave about 0.25 at 3 seeds.
+  assert _claim_rate(rng, 3, 1000, 0.0, skewed) <= 0.07
+  assert _claim_rate(rng, 5, 1000, 0.0, skewed) <= 0.07
+  # Power: +3 standard deviations of the per-seed difference on every seed. Exact (noncentral t): 0.75 at 3 seeds,
+  # 0.97 at 4, 0.998 at 5 (the experiments' default); no 5%-level test does much better at 3 seeds.
+  assert _claim_rate(rng, 5, 1000, 3.0, normal) >= 0.8
+  assert _claim_rate(rng, 4, 1000, 3.0, normal) >= 0.8
+  assert _claim_rate(rng, 3, 1000, 3.0, normal) >= 0.65
+  assert _claim_rate(rng, 2, 100, 30.0, normal) == 0  # Fewer than MIN_SEEDS_FOR_CLAIM seeds never claim.
+
+
+def test_paired_difference_uses_the_seeds_both_settings_have():
+  d = compare.paired_difference({0: 1.0, 1: 2.0, 2: 3.0, 7: 100.0}, {0: 0.5, 1: 1.5, 2: 2.5, 3: -100.0})
+  assert d["n"] == 3 and np.isclose(d["mean"], 0.5) and np.isclose(d["lo"], 0.5) and d["claim"]
+  none = compare.paired_difference({0: 1.0}, {1: 1.0})
+  assert none["n"] == 0 and not none["claim"] and np.isnan(none["mean"])
+  one = compare.paired_difference({0: 5.0}, {0: 1.0})  # One seed: a difference, no interval, no claim.
+  assert one["n"] == 1 and one["mean"] == 4.0 and np.isnan(one["lo"]) and not one["claim"]
+  assert compare._cell(one, signed=True) == "+4 [n=1]"
+
+
+def test_a_report_re_renders_from_its_json(tmp_path):
+  rng = np.random.default_rng(1)
+  values = {(s, seed): {"s1": {"acc": float(rng.normal()), "div": float(rng.normal())},
+                        "s2": {"acc": float(rng.normal()), "div": float(rng.normal())}}
+            for s in ("a", "b") for seed in range(4)}
+  _fake_sweep(tmp_path, values)
+  first = compare.compare(str(tmp_path), str(tmp_path / "r.md"), command="python -m llmstages.compare X")
+  os.makedirs(tmp_path / "again")
+  again = compare.from_json(str(tmp_path / "r.json"), str(tmp_path / "again" / "r.md"), command="from json")
+  for key in ("table", "paired", "settings", "stages", "unfinished", "hosts", "seeds", "planned_runs"):
+    assert again["summary"][key] == first["summary"][key], key
+  first_text = open(first["paths"]["report"]).read().splitlines()
+  again_text = open(again["paths"]["report"]).read().splitlines()
+  assert [l for l in first_text if "Report made by" not in l] == [l for l in again_text if "Report made by" not in l]
+  with open(tmp_path / "r.json") as f:
+    old = json.load(f)
+  del old["hosts"]
+  with open(tmp_path / "old.json", "w") as f:
+    json.dump(old, f)
+  with pytest.raises(ValueError, match=r"old.json lacks \['hosts'\]"):
+    compare.from_json(str(tmp_path / "old.json"))

@@ -72,6 +72,37 @@ def test_ipo_loss_at_reference_and_dpo_loss_direction():
                              -0.9 * jax.nn.log_sigmoid(0.1 * delta) - 0.1 * jax.nn.log_sigmoid(-0.1 * delta))
 
 
+def test_ipo_averages_log_ratios_per_token_by_hand():
+  # Chosen: policy -6, reference -9 over 3 tokens; rejected: policy -8, reference -4 over 4 tokens.
+  # token_mean: (-6 + 9) / 3 - (-8 + 4) / 4 = 1 + 1 = 2, loss (2 - 1 / (2 * 0.5))^2 = 1. sum: 3 + 4 = 7, loss 36.
+  policy, ref, n = jnp.array([-6.0, -8.0]), jnp.array([-9.0, -4.0]), jnp.array([3.0, 4.0])
+  mean_ratio = preference.log_ratios(policy, ref, n, "ipo", "token_mean")
+  np.testing.assert_allclose(mean_ratio, [1.0, -1.0])
+  np.testing.assert_allclose(preference.log_ratios(policy, ref, n, "ipo", "sum"), [3.0, -4.0])
+  np.testing.assert_allclose(preference.log_ratios(policy, ref, n, "sigmoid", "token_mean"), [3.0, -4.0])  # DPO sums.
+  np.testing.assert_allclose(preference.dpo_loss(mean_ratio[:1] - mean_ratio[1:], 0.5, kind="ipo"), [1.0])
+  np.testing.assert_allclose(preference.dpo_loss(jnp.array([7.0]), 0.5, kind="ipo"), [36.0])
+  # The stage, against per-token log-probs computed here from the two models' logits.
+  cfg = tiny()
+  model, params, ref_params = Decoder(cfg), init_params(cfg, seed=1), init_params(cfg, seed=2)
+  pair = with_reference(model, ref_params, pair_batch())
+
+  def side_means(p, side):
+    b = pair[side]
+    lp = jax.nn.log_softmax(model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"]), axis=-1)
+    tok = np.take_along_axis(np.asarray(lp), np.asarray(b["targets"])[..., None], axis=-1)[..., 0]
+    return (tok * b["loss_mask"]).sum(-1), b["loss_mask"].sum(-1)
+  (pc, nc), (pr, nr) = side_means(params, "chosen"), side_means(params, "rejected")
+  (rc, _), (rr, _) = side_means(ref_params, "chosen"), side_means(ref_params, "rejected")
+  for ipo_logps, delta in (("token_mean", (pc - rc) / nc - (pr - rr) / nr), ("sum", (pc - rc) - (pr - rr))):
+    loss_sum, count, _ = dpo_stage(loss="ipo", beta=0.5, ipo_logps=ipo_logps).loss(model, params, pair, None, None,
+                                                                                  False)
+    np.testing.assert_allclose(loss_sum / count, np.mean((delta - 1.0) ** 2), rtol=1e-5)
+  assert config_lib.dpo_config().ipo_logps == "token_mean"
+  with pytest.raises(ValueError, match="dpo.ipo_logps: 'mean' is not one of token_mean, sum"):
+    dpo_stage(ipo_logps="mean").frozen_models(dpo_stage(ipo_logps="mean").scfg)
+
+
 def test_reward_loss_is_log2_with_a_fresh_head():
   cfg = tiny()
   model = Decoder(cfg, score_head=True)
@@ -110,6 +141,79 @@ def test_grpo_equal_rewards_give_zero_advantage_and_gradient(kl_coef):
   batch2 = {**batch, "advantages": jnp.asarray(adv2)}
   grads2 = jax.grad(lambda p: stage.loss(model, p, batch2, None, None, False)[0])(params)
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads2)) > 1e-4
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_grpo_loss_types_by_hand(loss_type):
+  # At ratio 1 and kl_coef 0 every completion token's loss is -A of its row. Rows of 1, 2, 3 and 4 tokens with
+  # A = 1, -1, 2, 0.5: dapo = -(1 - 2 + 6 + 2) / 10 = -0.7; grpo (per-sequence mean, then mean) = -(1 - 1 + 2 + 0.5)
+  # / 4 = -0.625; dr_grpo = -(1 - 2 + 6 + 2) / (max_new_tokens 8 x 4 rows) = -0.21875.
+  cfg = tiny()
+  model, params = Decoder(cfg), init_params(cfg, seed=2)
+  batch = rollout_batch(model, params, b=4)
+  mask = np.zeros((4, 16), np.float32)
+  for row, n in enumerate((1, 2, 3, 4)):
+    mask[row, 5:5 + n] = 1.0
+  batch = {**batch, "loss_mask": mask, "advantages": jnp.array([1.0, -1.0, 2.0, 0.5])}
+  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  batch["old_logp"] = batch["ref_logp"] = losses.token_logprobs(logits, batch["targets"]) * mask
+  stage = grpo_stage(0.0)
+  stage.scfg.rl.loss_type, stage.scfg.rl.max_new_tokens = loss_type, 8
+  loss_sum, count, metrics = stage.loss(model, params, batch, None, None, False)
+  expected = {"dapo": (-7.0, 10.0), "grpo": (-2.5, 4.0), "dr_grpo": (-7.0 / 8, 4.0)}[loss_type]
+  np.testing.assert_allclose([loss_sum, count], expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics["ratio"] / count, 1.0, rtol=1e-5)  # A token mean or a mean of sequence means.
+  assert config_lib.stage_config("grpo").rl.loss_type == "dapo"  # TRL's current default.
+
+
+def test_grpo_loss_types_accumulate_exactly():
+  # The train step adds (loss sum, count) over micro-batches and divides once; for every loss type that must equal
+  # the full batch's average. (The weights do not depend on the parameters, so the gradients add the same way; the
+  # full train-step test above checks that for the default type.) Unequal rows, ratios away from 1.
+  cfg = tiny()
+  model, params = Decoder(cfg), init_params(cfg, seed=4)
+  batch = rollout_batch(model, params, seed=5)
+  batch["loss_mask"][0, 3:] = 0
+  batch["loss_mask"][5, :12] = 0
+  batch["advantages"] = np.random.default_rng(6).normal(size=(8,)).astype(np.float32)
+  batch["old_logp"] = batch["old_logp"] + 0.1 * batch["loss_mask"]
+  averages = {}
+  for loss_type in rl.LOSS_TYPES:
+    stage = grpo_stage(0.04)
+    stage.scfg.rl.loss_type = loss_type
+    fn = jax.jit(lambda b: stage.loss(model, params, b, None, None, False)[:2])
+    full_sum, full_count = fn(batch)
+    # Micro-batch i: rows 2i and 2i + 1 only (the others masked out), so one compile serves all four.
+    parts = [fn({**batch, "loss_mask": batch["loss_mask"] * (np.arange(8)[:, None] // 2 == i)}) for i in range(4)]
+    acc_sum, acc_count = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    assert acc_count == full_count
+    np.testing.assert_allclose(acc_sum / acc_count, full_sum / full_count, rtol=1e-5)
+    averages[loss_type] = float(full_sum / full_count)
+  assert len({round(v, 6) for v in averages.values()}) == 3, averages  # Three different averages.
+
+
+def test_rl_log_probs_are_taken_at_the_sampling_temperature():
+  cfg = _tiny_stage_config("grpo")
+  with cfg.unlocked():
+    cfg.grpo.rl.temperature = 0.5
+    cfg.grpo.rl.kl_coef = 0.0
+  ctx = train.build_context(cfg, "grpo", mesh=one_device_mesh())
+  params = ctx.init_state().params
+  batch = rollout_batch(ctx.lm_model, params, seed=3)
+  logits = np.asarray(ctx.lm_model.apply({"params": params}, batch["inputs"], batch["positions"],
+                                         batch["segment_ids"]), np.float64)
+  scaled = logits / 0.5
+  logp_t = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+      scaled.max(-1, keepdims=True)
+  want = np.take_along_axis(logp_t, np.asarray(batch["targets"])[..., None], axis=-1)[..., 0] * batch["loss_mask"]
+  with ctx.activate():
+    passes = jax.device_get(ctx.stage.logprob_passes(ctx, params, batch))
+  np.testing.assert_allclose(passes["old_logp"], want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(passes["ref_logp"], want, rtol=1e-4, atol=1e-5)
+  _, logp, _ = ctx.stage.policy_pass(ctx.lm_model, params, batch, None, None, False)
+  np.testing.assert_allclose(np.asarray(logp) * batch["loss_mask"], want, rtol=1e-4, atol=1e-5)
+  at_t1 = np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(batch["targets"])[..., None], -1)[..., 0]
+  assert np.abs(np.asarray(at_t1) * batch["loss_mask"] - want).max() > 0.1  # The temperature matters.
 
 
 def test_grpo_groups_follow_prompt_order():

@@ -7,7 +7,7 @@ import pytest
 
 from llmstages import losses
 from llmstages.model import Decoder, init_cache
-from llmstages.sampler import Sampler, _generate, generate_without_cache
+from llmstages.sampler import Sampler, _generate, filter_logits, generate_without_cache
 from tests.helpers import init_params, tiny
 
 CFG = tiny(vocab_size=64, max_seq_len=64)
@@ -94,6 +94,49 @@ def test_top_p_and_top_k_restrict_the_support(params):
   k3 = s.generate(params, prompt, max_new_tokens=1, temperature=2.0, top_k=3, num_samples=64, seed=2)
   logits = np.asarray(Decoder(CFG).apply({"params": params}, np.array(prompt, np.int32)))[0, -1]
   assert set(k3.tokens[:, 0].tolist()) <= set(np.argsort(logits)[-3:].tolist())
+
+
+def test_top_p_after_top_k_renormalizes_by_hand():
+  # p = (0.4, 0.3, 0.2, 0.1). top_k=2 leaves (4/7, 3/7): the first token alone reaches top_p=0.5, so the second
+  # goes. A top-p over the unfiltered mass would keep both (0.4 < 0.5), the bug this guards against.
+  logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
+  kept = np.isfinite(np.asarray(filter_logits(logits, jnp.int32(2), jnp.float32(0.5))))
+  assert kept.tolist() == [[True, False, False, False], [False, False, False, True]]
+  # top_p=0.6 keeps both top-k tokens (4/7 < 0.6); top_k=0 is top-p alone over all four (0.4 + 0.3 >= 0.6).
+  assert np.isfinite(np.asarray(filter_logits(logits, jnp.int32(2), jnp.float32(0.6))))[0].tolist() == \
+      [True, True, False, False]
+  assert np.isfinite(np.asarray(filter_logits(logits, jnp.int32(0), jnp.float32(0.6))))[0].tolist() == \
+      [True, True, False, False]
+  assert np.isfinite(np.asarray(filter_logits(logits, jnp.int32(3), jnp.float32(1.0)))).sum(axis=1).tolist() == [3, 3]
+
+
+def test_sampled_logprob_is_renormalized_after_top_k_and_top_p(params):
+  # The sampler's log-prob is that of the distribution it drew from: with top_k=2, top_p chosen between the two
+  # renormalized masses, only the top token survives and has log-prob 0.
+  s = Sampler(CFG, eos_id=-1, pad_id=PAD)
+  prompt = _prompts((6,))
+  logits = np.asarray(Decoder(CFG).apply({"params": params}, np.array(prompt, np.int32)))[0, -1].astype(np.float64)
+  top2 = np.sort(logits)[-2:]
+  p_top = 1.0 / (1.0 + np.exp(top2[0] - top2[1]))  # The top token's share of the top-2 mass.
+  out = s.generate(params, prompt, max_new_tokens=1, temperature=1.0, top_k=2, top_p=float(p_top) * 0.99,
+                   num_samples=16, seed=3)
+  assert set(out.tokens[:, 0].tolist()) == {int(np.argmax(logits))}
+  np.testing.assert_allclose(out.logprobs[:, 0], 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 0.3), (10, 0.7), (3, 0.95), (0, 0.5), (7, 1.0)])
+def test_filter_matches_transformers_top_k_then_top_p_warpers(top_k, top_p):
+  import torch  # Heavy, and only this parity test needs it (the `test` extra installs it).
+  from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+  logits = np.random.default_rng(top_k).normal(size=(6, 50)).astype(np.float32) * 2.0
+  scores = torch.from_numpy(logits.copy())
+  if top_k > 0:
+    scores = TopKLogitsWarper(top_k=top_k)(None, scores)
+  if top_p < 1.0:
+    scores = TopPLogitsWarper(top_p=top_p)(None, scores)
+  ours = np.asarray(filter_logits(jnp.asarray(logits), jnp.int32(top_k), jnp.float32(top_p)))
+  np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(scores.numpy()))
+  np.testing.assert_array_equal(ours[np.isfinite(ours)], logits[np.isfinite(ours)])
 
 
 def test_sample_order_is_prompt_major(params):

@@ -171,12 +171,13 @@ def test_people_arg_sets_every_bios_population():
 
 def test_reduced_sweeps_are_subsets_of_their_design():
   core = X.load("dropout_vs_facts:core").runs()
-  assert len(core) == 18 and {r.seed for r in core} == {0, 1, 2}
+  assert len(core) == 6 * X.DEFAULT_SEEDS and {r.seed for r in core} == set(range(X.DEFAULT_SEEDS)) == set(range(5))
   assert all(r.config.stages == ("pretrain",) for r in core)
   assert {r.setting for r in core} == {"none", "dropout@pretrain", "drop_path@pretrain", "neftune@pretrain",
                                        "label_smoothing@pretrain", "weight_decay@pretrain"}
   cpu = X.load("capacity:cpu").runs()
-  assert len(cpu) == 12 and {r.config.model.d_model for r in cpu} == {16, 32}
+  assert len(cpu) == 4 * 5 and {r.config.model.d_model for r in cpu} == {16, 32}
+  assert len(X.load("capacity:cpu,seeds=3").runs()) == 12
   assert all(r.config.eval.bios == "bios(n=200,format=multi_permute)" for r in cpu)
   assert {r.config.pretrain.reg.dropout for r in cpu} == {0.0, 0.1}
 

@@ -252,3 +252,28 @@ def test_two_processes_equal_one_device(data_dir, tmp_path):
   np.testing.assert_allclose(e1["perplexity/loss"]["value"], e2["perplexity/loss"]["value"], rtol=1e-4)
   pa, pb = final_params(tmp_path / "one"), final_params(tmp_path / "two")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5), pa, pb)
+
+
+def test_stage_keys_differ_for_every_name_incl_sft_a_and_sft_b():
+  # The old hash (first 4 bytes of the name XOR its length) gave sft_a and sft_b one key, hence one dropout stream.
+  from llmstages import config as config_lib
+  from llmstages import seeds
+  c = config_lib.base_config()
+  c.model.update(dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48,
+                      max_seq_len=64))
+  c.stages = ("sft_a", "sft_b")
+  for name in c.stages:
+    c[name] = config_lib.stage_config(name, kind="sft", steps=2, batch_size=8, seq_len=16)
+  keys = {name: train.build_context(c, name, mesh=one_device_mesh()).seed_key for name in c.stages}
+  masks = [np.asarray(jax.random.bernoulli(jax.random.fold_in(k, 0), 0.5, (256,))) for k in keys.values()]
+  assert not np.array_equal(*masks)  # Step 0's dropout draws differ.
+  names = ["pretrain", "cpt", "sft", "sft_a", "sft_b", "sft_c", "sft_1", "sft_2", "instruct", "reward", "dpo", "grpo",
+           "ppo", "a", "b", "ab", "ba", "pretrain_long", "pretrain_lonG", ""]
+  data = {n: tuple(np.asarray(jax.random.key_data(seeds.stage_key(0, n))).tolist()) for n in names}
+  assert len(set(data.values())) == len(names)
+  assert tuple(np.asarray(jax.random.key_data(seeds.stage_key(0, "sft_a"))).tolist()) == data["sft_a"]  # Stable.
+  assert np.array_equal(jax.random.key_data(keys["sft_a"]), jax.random.key_data(seeds.stage_key(0, "sft_a")))
+  assert data["sft"] != tuple(np.asarray(jax.random.key_data(seeds.stage_key(1, "sft"))).tolist())  # Run seed.
+  host = {seeds.stage_seed(0, n, 1, step) for n in names for step in range(3)}  # The RL sampler's seeds.
+  assert len(host) == 3 * len(names)
+  assert seeds.name_words("sft_a") != seeds.name_words("sft_b") and len(seeds.name_words("x")) == 8

@@ -4,7 +4,8 @@
   -log sigmoid(r_chosen - r_rejected). Logs accuracy (r_chosen > r_rejected), margin and both scores.
 - `dpo`: delta = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)], sums over completion tokens;
   sigmoid loss -(1-eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta) (eps > 0: cDPO), or IPO's
-  (delta - 1/(2 beta))^2. The frozen reference's log-probs are computed once per batch, outside the gradient, by
+  (delta - 1/(2 beta))^2, where each side's log-probs are by default means over its completion tokens
+  (`dpo.ipo_logps='token_mean'`, as TRL does on the IPO authors' advice; 'sum' keeps the sequence sums). The frozen reference's log-probs are computed once per batch, outside the gradient, by
   `prepare`. Logs chosen/rejected rewards (beta * log-ratio), margin, accuracy and the policy's log-probs.
 
 Both take pairs from `data.make_preference_iterator`: one pair per row, the prompt without loss. Every count is
@@ -102,6 +103,18 @@ class RewardModel(PairStage):
     return jnp.sum(loss_B * valid_B), jnp.sum(valid_B), metrics
 
 
+IPO_LOGPS = ("token_mean", "sum")
+
+
+def log_ratios(policy_B, reference_B, tokens_B, kind: str = "sigmoid", ipo_logps: str = "token_mean"):
+  """Per-pair log pi(y) - log ref(y) of one side from summed log-probs; IPO with 'token_mean' divides both by
+  the side's completion token count."""
+  ratio_B = policy_B - reference_B
+  if kind == "ipo" and ipo_logps == "token_mean":
+    return ratio_B / jnp.maximum(tokens_B, 1.0)
+  return ratio_B
+
+
 def dpo_loss(delta_B: jax.Array, beta, label_smoothing=0.0, kind: str = "sigmoid") -> jax.Array:
   """Per-pair DPO loss of the log-ratio difference `delta_B` (see the module docstring)."""
   if kind == "ipo":
@@ -122,6 +135,8 @@ class DirectPreference(PairStage):
                        f"earlier stage")
     if scfg.dpo.loss not in ("sigmoid", "ipo"):
       raise ValueError(f"{self.where}.dpo.loss: {scfg.dpo.loss!r} is not one of sigmoid, ipo")
+    if scfg.dpo.ipo_logps not in IPO_LOGPS:
+      raise ValueError(f"{self.where}.dpo.ipo_logps: {scfg.dpo.ipo_logps!r} is not one of {', '.join(IPO_LOGPS)}")
     if scfg.dpo.beta <= 0 or not 0.0 <= scfg.dpo.label_smoothing < 0.5:
       raise ValueError(f"{self.where}.dpo: beta must be > 0 (got {scfg.dpo.beta}) and label_smoothing in "
                        f"[0, 0.5) (got {scfg.dpo.label_smoothing})")
@@ -147,7 +162,9 @@ class DirectPreference(PairStage):
     cfg = self.scfg.dpo
     lp = sequence_logprobs(model, params, _both(batch), dyn, rng, train)
     b = lp.shape[0] // 2
-    chosen_B, rejected_B = lp[:b] - batch["ref_chosen"], lp[b:] - batch["ref_rejected"]
+    n_chosen_B, n_rejected_B = (jnp.sum(batch[side]["loss_mask"].astype(jnp.float32), axis=-1) for side in SIDES)
+    chosen_B = log_ratios(lp[:b], batch["ref_chosen"], n_chosen_B, cfg.loss, cfg.ipo_logps)
+    rejected_B = log_ratios(lp[b:], batch["ref_rejected"], n_rejected_B, cfg.loss, cfg.ipo_logps)
     delta_B = chosen_B - rejected_B
     valid_B = _real_pairs(batch)
     loss_B = dpo_loss(delta_B, cfg.beta, cfg.label_smoothing, cfg.loss)

@@ -3,8 +3,14 @@
 Each step: draw `batch_size / num_generations` prompts, sample `num_generations` completions of each with the
 current policy (prompt-major: sample j of prompt i is row i * G + j, so a group is contiguous), score them, run the
 old-policy (and reference) log-prob passes without dropout, and hand the step one batch of [prompt + completion]
-rows whose loss mask covers the completion tokens. Losses are token-level sums over completion tokens with the
-token count as denominator (RESEARCH.md).
+rows whose loss mask covers the completion tokens. Every log-prob (old, reference, policy; and the entropy) is of
+the sampling distribution, logits / rl.temperature, as TRL computes them (without top-p, as TRL).
+
+Aggregation, `rl.loss_type` (GRPO; PPO is token-level), as (sum, count) so that grad_accum stays exact:
+'dapo' (default, TRL's current default): sum over completion tokens / their count; 'grpo' (DeepSeekMath): the sum
+of per-sequence token means / the number of sequences; 'dr_grpo' (Dr. GRPO): the token sum / max_new_tokens, over
+the number of sequences, i.e. divided by the constant max_new_tokens x sequences. GRPO's logged token metrics
+(kl, clip_fraction, entropy, ratio) are token means under 'dapo' and means of per-sequence means otherwise.
 
 GRPO (DeepSeekMath): advantage A = (r - mean_group) / (std_group + std_eps) on every token of a sample (std: the
 sample standard deviation, ddof=1, as TRL); ratio = exp(logp - logp_old); loss -min(ratio A, clip(ratio) A) +
@@ -28,14 +34,11 @@ the policy's gradient pass uses the stage's `reg` block (all off by default). RL
 
 from __future__ import annotations
 
-import functools
-import zlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmstages import losses, partitioning
+from llmstages import losses, partitioning, seeds
 from llmstages import rewards as rewards_lib
 from llmstages.model import HEAD_PARAMS, Decoder, RegSites
 from llmstages.stages import Stage, apply_model, register
@@ -186,6 +189,25 @@ def k3(logp_BxL, ref_logp_BxL):
   return jnp.exp(d) - d - 1.0
 
 
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+
+
+def aggregation_weights(mask_BxL, loss_type: str, max_new_tokens: int):
+  """(loss weights, metric weights, count) such that sum(per_token * weights) / count, summed over micro-batches
+  before the division, is `rl.loss_type`'s average (see the module docstring)."""
+  mask = mask_BxL.astype(jnp.float32)
+  tokens_B = jnp.sum(mask, axis=-1)
+  sequences = jnp.sum((tokens_B > 0).astype(jnp.float32))
+  per_sequence = mask / jnp.maximum(tokens_B, 1.0)[:, None]
+  if loss_type == "dapo":
+    return mask, mask, jnp.sum(mask)
+  if loss_type == "grpo":
+    return per_sequence, per_sequence, sequences
+  if loss_type == "dr_grpo":
+    return mask / float(max_new_tokens), per_sequence, sequences
+  raise ValueError(f"rl.loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+
+
 def token_entropy(logits_BxLxV):
   logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
@@ -195,8 +217,7 @@ def token_entropy(logits_BxLxV):
 # The shared rollout machinery.
 
 def _seed(config_seed: int, name: str, split: str, step: int) -> int:
-  return int(np.random.SeedSequence([config_seed, zlib.crc32(name.encode()), int(split == "train"), step])
-             .generate_state(1)[0])
+  return seeds.stage_seed(config_seed, name, int(split == "train"), step)
 
 
 class RolloutStage(Stage):
@@ -216,6 +237,8 @@ class RolloutStage(Stage):
       raise ValueError(f"{self.where}.rl.updates_per_rollout must be >= 1, got {rl.updates_per_rollout}")
     if rl.max_new_tokens >= scfg.seq_len:
       raise ValueError(f"{self.where}.rl.max_new_tokens={rl.max_new_tokens} must be below seq_len={scfg.seq_len}")
+    if rl.temperature <= 0:
+      raise ValueError(f"{self.where}.rl.temperature={rl.temperature} must be > 0: RL samples its rollouts")
 
   def prepare(self, ctx, params, prompts, step, split):
     """A fresh rollout batch every `rl.updates_per_rollout` training steps, reused (with its old log-probs and
@@ -309,17 +332,18 @@ class RolloutStage(Stage):
     if key not in ctx.cache:
       policy, lm = ctx.eval_model, ctx.lm_model
       use_ref = "reference" in ctx.frozen
+      temperature = ctx.scfg.rl.temperature
 
       def passes(params, frozen, batch):
         out = policy.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
         logits = out[0] if isinstance(out, tuple) else out
-        res = {"old_logp": losses.token_logprobs(logits, batch["targets"]) * batch["loss_mask"]}
+        res = {"old_logp": losses.token_logprobs(logits / temperature, batch["targets"]) * batch["loss_mask"]}
         if isinstance(out, tuple):
           res["old_values"] = out[1] * batch["loss_mask"]
         if use_ref:
           ref_logits = lm.apply({"params": frozen["reference"]}, batch["inputs"], batch["positions"],
                                 batch["segment_ids"])
-          res["ref_logp"] = losses.token_logprobs(ref_logits, batch["targets"]) * batch["loss_mask"]
+          res["ref_logp"] = losses.token_logprobs(ref_logits / temperature, batch["targets"]) * batch["loss_mask"]
         else:
           res["ref_logp"] = res["old_logp"]
         return res
@@ -327,8 +351,10 @@ class RolloutStage(Stage):
     return ctx.cache[key](params, ctx.frozen, batch)
 
   def policy_pass(self, model, params, batch, dyn, rng, train):
+    """(logits / temperature, their log-probs of the targets, values or None)."""
     out = apply_model(model, params, batch, dyn, rng, train)
     logits, values = out if isinstance(out, tuple) else (out, None)
+    logits = logits.astype(jnp.float32) / self.scfg.rl.temperature
     return logits, losses.token_logprobs(logits, batch["targets"]), values
 
 
@@ -339,6 +365,8 @@ class GRPO(RolloutStage):
     super().validate(ctx)
     for name in self.scfg.rl.rewards:
       rewards_lib.get(name)
+    if self.scfg.rl.loss_type not in LOSS_TYPES:
+      raise ValueError(f"{self.where}.rl.loss_type={self.scfg.rl.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     if not self.scfg.rl.rewards:
       raise ValueError(f"{self.where}.rl.rewards is empty: GRPO needs at least one reward function")
 
@@ -379,15 +407,22 @@ class GRPO(RolloutStage):
     kl = k3(logp, batch["ref_logp"])
     if rl.kl_coef > 0:
       per_token = per_token + rl.kl_coef * kl
-    metrics = {"kl": jnp.sum(kl * mask), "clip_fraction": jnp.sum(clipped * mask),
-               "entropy": jnp.sum(token_entropy(logits) * mask), "ratio": jnp.sum(ratio * mask)}
-    return jnp.sum(per_token * mask), jnp.sum(mask), metrics
+    weights, metric_weights, count = aggregation_weights(mask, rl.loss_type, rl.max_new_tokens)
+    metrics = {"kl": jnp.sum(kl * metric_weights), "clip_fraction": jnp.sum(clipped * metric_weights),
+               "entropy": jnp.sum(token_entropy(logits) * metric_weights), "ratio": jnp.sum(ratio * metric_weights)}
+    return jnp.sum(per_token * weights), count, metrics
 
 
 @register("ppo")
 class PPO(RolloutStage):
   score_head = True  # The value head.
   PER_TOKEN = ("old_logp", "ref_logp", "old_values", "advantages", "returns")
+
+  def validate(self, ctx):
+    super().validate(ctx)
+    if self.scfg.rl.loss_type != "dapo":
+      raise ValueError(f"{self.where}.rl.loss_type={self.scfg.rl.loss_type!r}: PPO averages over tokens; only "
+                       f"'dapo' applies (the other loss types are GRPO's)")
 
   def frozen_models(self, scfg):
     if not scfg.rl.reward_from:
