@@ -8,10 +8,11 @@ Prints each sample; with --vote also the majority answer (normalized, as exact m
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import app, flags
+
+from llmstages import load
+
+load_config = load.load_config  # Kept for callers of generate.load_config.
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's workdir (holds config.json and the stages).")
 _STAGE = flags.DEFINE_string("stage", None, "Which stage's final parameters to sample from.")
@@ -27,34 +28,15 @@ _MC_DROPOUT = flags.DEFINE_float("mc_dropout", 0.0, "Inference-time dropout rate
 flags.mark_flags_as_required(["workdir", "stage", "prompt"])
 
 
-def load_config(workdir: str):
-  """The resolved config a pipeline wrote to `workdir/config.json`, as a locked ConfigDict."""
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a directory a pipeline ran in")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.lock()
-  return config
-
-
 def generate(workdir: str, stage: str, prompts: list[str], **kw) -> list[dict]:
   """Samples for each prompt: [{'prompt', 'samples': [text, ...], 'vote': (answer, share)}]."""
-  from llmstages import train
   from llmstages.evals import metrics
   from llmstages.evals.evaluators import answer_text
-  from llmstages.sampler import Sampler
-  config = load_config(workdir)
-  if stage not in config.stages:
-    raise ValueError(f"--stage={stage!r} is not one of this workdir's stages {list(config.stages)}")
-  tctx = train.build_context(config, stage)
-  params = train.load_final_params(workdir, stage, tctx.abstract_lm_params(), needed_by=f"generate --stage={stage}")
-  tok = train.tokenizer_for(config)
-  sampler = Sampler(tctx.model_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=tctx.mesh, rules=tctx.rules,
-                    mc_dropout=kw.pop("mc_dropout", 0.0))
+  loaded = load.load_stage(workdir, stage, mc_dropout=kw.pop("mc_dropout", 0.0),
+                           needed_by=f"generate --stage={stage}")
+  tok, sampler, params = loaded.tokenizer, loaded.sampler, loaded.params
   n = kw.get("num_samples", 1)
-  out = sampler.generate(params, [[tok.bos_id] + tok.encode(p) for p in prompts], **kw)
+  out = sampler.generate(params, [loaded.encode_prompt(p) for p in prompts], **kw)
   texts = [tok.decode([t for t in seq if t not in (tok.eos_id, tok.pad_id)]) for seq in out.sequences()]
   results = []
   for i, prompt in enumerate(prompts):
