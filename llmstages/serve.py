@@ -263,7 +263,8 @@ def create_app(loaded, limits: Limits, *, api_key: str | None = None, max_rows: 
 
   @app.get("/health")
   async def health():
-    return {"status": "ok", "model": svc.model_id, "queued": batcher.pending()}
+    return {"status": "ok", "model": svc.model_id, "queued": batcher.pending(),
+            "sampler_calls": sum(batcher.calls.values()), "shapes": len(batcher.calls)}
 
   @app.get("/v1/models")
   async def models():
