@@ -1,8 +1,8 @@
 """A batching queue in front of the KV-cache sampler: requests that arrive within a few milliseconds of each other
 become one `Sampler.generate` call, padded to bucketed shapes so that serving does not recompile per request.
 
-Shapes: the sampler already buckets prompt length (powers of two from 16). Here the row count is padded to a
-power of two (padding rows are a lone BOS and are thrown away) and the new-token budget to a power of two from
+Shapes: the sampler already buckets prompt length (powers of two from 16). Here the row count is padded to 1 or
+a power of two from 8 (padding rows are a lone BOS and are thrown away) and the new-token budget to a power of two from
 16, capped by the model's context; each request's tokens are then cut at its own `max_new_tokens`. So a server
 sees a handful of compiles (rows x prompt bucket x token bucket), all of them on the first few requests.
 
@@ -27,6 +27,11 @@ import time
 import numpy as np
 
 from llmstages.sampler import bucket_length
+
+
+def row_bucket(n: int) -> int:
+  """Rows of a sampler call: 1 for a lone request, else a power of two from 8 (few shapes, each compiled once)."""
+  return 1 if n == 1 else max(8, 1 << (n - 1).bit_length())
 
 
 @dataclasses.dataclass
@@ -64,6 +69,7 @@ class Batcher:
     self._rng = random.Random(0)
     self._stopping = False
     self.calls = collections.Counter()  # (rows, prompt bucket, token bucket) -> sampler calls: shapes seen.
+    self.rows_served = 0  # Real (unpadded) rows over all calls.
     self._thread = threading.Thread(target=self._loop, name="llmstages-batcher", daemon=True)
     self._thread.start()
 
@@ -147,11 +153,12 @@ class Batcher:
     rows = [row for r in group for row in r.rows]
     longest = max(len(row) for row in rows)
     new_tokens = min(bucket_length(max(r.max_new_tokens for r in group)), self.context - longest)
-    padded = 1 << (len(rows) - 1).bit_length()
+    padded = row_bucket(len(rows))
     prompts = rows + [[self.bos_id]] * (padded - len(rows))
     head = group[0]
     seed = head.seed if head.seed is not None else self._rng.randrange(1 << 31)
     self.calls[(padded, bucket_length(longest), new_tokens)] += 1
+    self.rows_served += len(rows)
     out = self.sampler.generate(self.params, prompts, max_new_tokens=new_tokens, temperature=head.temperature,
                                 top_k=head.top_k, top_p=head.top_p, seed=seed)
     results, r0 = [], 0

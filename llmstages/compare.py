@@ -1,6 +1,7 @@
 r"""Compares the runs of a sweep: per stage, each setting's metrics over seeds, paired differences, and two plots.
 
   python -m llmstages.compare DIR [--out=REPORT.md]
+  python -m llmstages.compare --baseline WORKDIR   (one pipeline run with --config.eval.shots=K)
 
 Reads DIR/sweep.json (the experiment's metrics, Pareto pair and baseline, written by `python -m llmstages.sweep`)
 and every finished run's DIR/runs/<hash>/{run.json, result.json, <stage>/eval.json}. Per stage and setting, each
@@ -27,6 +28,8 @@ from absl import app, flags
 from llmstages.evals import metrics as M
 
 _OUT = flags.DEFINE_string("out", "", "The Markdown report; '' writes DIR/report.md. Plots and JSON go beside it.")
+_BASELINE = flags.DEFINE_bool("baseline", False, "DIR is one pipeline's workdir run with eval.shots=K: print each "
+                              "stage's 0-shot and K-shot scores side by side (did fine-tuning beat prompting?).")
 
 MIN_SEEDS_FOR_CLAIM = 3
 
@@ -278,9 +281,47 @@ def compare(directory: str, out: str = "", command: str = "") -> dict:
   return {"paths": paths, "summary": summary}
 
 
+def baseline_table(workdir: str) -> str:
+  """Markdown: one row per scored metric with a K-shot twin (`.../Kshot/greedy`, eval.shots=K), one column pair
+  (0-shot, K-shot) per stage that has eval.json, and the last column: the last stage at 0-shot minus the best
+  K-shot score of any earlier stage (> 0: fine-tuning beat prompting the model it started from)."""
+  import re
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  k = int(config.get("eval", {}).get("shots", 0))
+  evals = {}
+  for stage in config["stages"]:
+    path = os.path.join(workdir, stage, "eval.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        evals[stage] = {m: v["value"] for m, v in json.load(f)["metrics"].items()}
+  if k <= 0 or not evals:
+    raise ValueError(f"{workdir}: no K-shot scores (config eval.shots={k}, eval.json in {sorted(evals)}); "
+                     "run the pipeline with --config.eval.shots=K and evaluators such as bios_facts or arith")
+  stages = list(evals)
+  shot = re.compile(rf"^(.*?){k}shot/(greedy)$")
+  rows = sorted({m.group(1) + m.group(2) for e in evals.values() for m in map(shot.match, e) if m})
+  lines = ["| metric | " + " | ".join(f"{s} 0-shot | {s} {k}-shot" for s in stages)
+           + f" | {stages[-1]} 0-shot - best earlier {k}-shot |", "| --- " * (2 * len(stages) + 2) + "|"]
+  for metric in rows:
+    twin = metric[:-len("greedy")] + f"{k}shot/greedy"
+    cells = [evals[s].get(m, float("nan")) for s in stages for m in (metric, twin)]
+    earlier = [evals[s].get(twin, float("nan")) for s in stages[:-1]]
+    gain = evals[stages[-1]].get(metric, float("nan")) - max(earlier) if earlier else float("nan")
+    lines.append(f"| {metric} | " + " | ".join(_fmt(c) for c in cells) + f" | {gain:+.3f} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   if len(argv) != 2:
-    raise app.UsageError("usage: python -m llmstages.compare DIR [--out=REPORT.md]")
+    raise app.UsageError("usage: python -m llmstages.compare DIR [--out=REPORT.md] | --baseline WORKDIR")
+  if _BASELINE.value:
+    table = baseline_table(argv[1])
+    print(table)
+    if _OUT.value:
+      with open(_OUT.value, "w") as f:
+        f.write(table + "\n")
+    return
   result = compare(argv[1], _OUT.value)
   print("\n".join(f"wrote {p}" for p in result["paths"].values()))
 

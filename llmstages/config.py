@@ -89,6 +89,7 @@ def eval_config() -> ml_collections.ConfigDict:
   e.pass_k = (1, 4, 8)
   e.temperature = 0.7
   e.mc_dropout = 0.0  # > 0: inference-time dropout while sampling.
+  e.shots = 0  # K > 0: factual and arithmetic evaluators also score each prompt after K solved training examples.
   return e
 
 

@@ -130,6 +130,30 @@ def _template_prompt(template: str, person: dict) -> str:
   return bios._fill(template, person, use_name=True).split("{v}", 1)[0].rstrip()
 
 
+def _shot_prefix(ctx: EvalContext, spec: str) -> str:
+  """`eval.shots` solved examples, one per line, from the end of `spec`'s train split: evaluators score the first
+  `num_prompts` records of a split, so no shot is a scored prompt."""
+  from llmstages import data
+  k, n = ctx.ecfg.get("shots", 0), ctx.ecfg.num_prompts
+  src = data.open_source(spec, "train", ctx.data_dir)
+  if len(src) < k + n:
+    raise ValueError(f"config.eval.shots={k}: {spec!r} has {len(src)} training records, fewer than shots + "
+                     f"num_prompts = {k + n}, so shots would overlap the scored prompts")
+  recs = [src.record(i) for i in range(len(src) - k, len(src))]
+  return "".join(f"{r['prompt']}{r['completion']}\n" for r in recs)
+
+
+def _score_with_shots(ctx: EvalContext, spec: str, prompts: Sequence[str], correct, prefix: str, **kw) -> dict:
+  """`_score_prompts` as asked (0-shot), and with `eval.shots = K > 0` the same prompts after K solved examples of
+  `spec`, under `{prefix}{K}shot/`: the prompting baseline fine-tuning has to beat."""
+  out = _score_prompts(ctx, prompts, correct, prefix, **kw)
+  k = ctx.ecfg.get("shots", 0)
+  if k > 0:
+    shots = _shot_prefix(ctx, spec)
+    out.update(_score_prompts(ctx, [shots + p for p in prompts], correct, f"{prefix}{k}shot/", **kw))
+  return out
+
+
 @register("bios_facts")
 def bios_facts(ctx: EvalContext) -> dict:
   info = _bios_info(ctx)
@@ -150,10 +174,11 @@ def bios_facts(ctx: EvalContext) -> dict:
       [out[f"memorization/{a}/greedy"].value for a in attrs])
   # Extraction: QA on QA-train people (seen in QA data if a stage trained on it) and QA-test people.
   for split, name in (("train", "qa_train"), ("validation", "qa_test")):
-    recs = _records(ctx, _with_name(ctx.ecfg.bios, "bios_qa"), split, n)
+    qa = _with_name(ctx.ecfg.bios, "bios_qa")
+    recs = _records(ctx, qa, split, n)
     prompts = [r["prompt"] for r in recs]
     answers = [r["completion"] for r in recs]
-    out.update(_score_prompts(ctx, prompts, lambda i, a, v=answers: M.exact_match(a, v[i]), f"{name}/"))
+    out.update(_score_with_shots(ctx, qa, prompts, lambda i, a, v=answers: M.exact_match(a, v[i]), f"{name}/"))
   # Never-seen people: any answer is invented.
   recs = _records(ctx, _with_name(ctx.ecfg.bios, "bios_qa_unseen"), "train", n)
   greedy = ctx.sampler().generate(ctx.params, [ctx.encode_prompt(r["prompt"]) for r in recs],
@@ -169,10 +194,11 @@ def world_facts(ctx: EvalContext) -> dict:
     raise ValueError(f"config.eval.world is empty but stage {ctx.stage!r} lists world_facts")
   out = {}
   for split, name in (("train", "train_templates"), ("validation", "heldout_templates")):
-    recs = _records(ctx, _with_name(ctx.ecfg.world, "world_qa"), split, ctx.ecfg.num_prompts)
+    qa = _with_name(ctx.ecfg.world, "world_qa")
+    recs = _records(ctx, qa, split, ctx.ecfg.num_prompts)
     answers = [r["completion"] for r in recs]
-    out.update(_score_prompts(ctx, [r["prompt"] for r in recs], lambda i, a, v=answers: M.exact_match(a, v[i]),
-                              f"{name}/"))
+    out.update(_score_with_shots(ctx, qa, [r["prompt"] for r in recs], lambda i, a, v=answers: M.exact_match(a, v[i]),
+                                 f"{name}/"))
   return out
 
 
@@ -186,8 +212,8 @@ def arith(ctx: EvalContext) -> dict:
   scratchpad = "scratchpad" in ctx.ecfg.arith
   new = ctx.ecfg.max_new_tokens * (4 if scratchpad else 1)
   keep_all = lambda text: text.split("\n", 1)[0].strip()  # The verifier finds the final answer itself.
-  return _score_prompts(ctx, prompts, lambda i, a: arith_lib.verify(prompts[i], a), "", max_new_tokens=new,
-                        extract=keep_all)
+  return _score_with_shots(ctx, ctx.ecfg.arith, prompts, lambda i, a: arith_lib.verify(prompts[i], a), "",
+                           max_new_tokens=new, extract=keep_all)
 
 
 @register("capacity")
