@@ -11,6 +11,10 @@ requests are grouped by them. A request with an explicit seed at temperature > 0
 seed gives the same samples whatever else is in flight; at temperature 0 (argmax) rows do not interact and
 requests of any seed share a call.
 
+Waiting: a round takes every queued request, then waits up to `window_ms` for more only while it holds fewer
+requests than were in flight together during the last 16 rounds: a lone client never waits, and clients that
+were just answered (about to send again) are regrouped with the rest instead of alternating in half batches.
+
 One worker thread owns the sampler (JAX calls are not interleaved); callers get a `concurrent.futures.Future`.
 """
 
@@ -61,13 +65,18 @@ class Generation:
 class Batcher:
   """Groups concurrent requests into sampler calls on one worker thread (see the module docstring)."""
 
-  def __init__(self, sampler, params, *, bos_id: int, max_rows: int = 32, window_ms: float = 5.0):
+  def __init__(self, sampler, params, *, bos_id: int, max_rows: int = 32, window_ms: float = 20.0):
     self.sampler, self.params, self.bos_id = sampler, params, bos_id
     self.max_rows, self.window_s = max_rows, window_ms / 1000.0
     self.context = sampler.cfg.max_seq_len
     self._queue: queue.Queue = queue.Queue()
     self._rng = random.Random(0)
     self._stopping = False
+    # Requests submitted and not yet answered: the most seen during each of the last rounds. A round waits for
+    # up to that many, so clients that were just answered (about to send again) are regrouped with the others.
+    self._lock = threading.Lock()
+    self._outstanding = self._peak = 0
+    self._recent_peaks: collections.deque = collections.deque([1], maxlen=16)
     self.calls = collections.Counter()  # (rows, prompt bucket, token bucket) -> sampler calls: shapes seen.
     self.rows_served = 0  # Real (unpadded) rows over all calls.
     self._thread = threading.Thread(target=self._loop, name="llmstages-batcher", daemon=True)
@@ -76,8 +85,16 @@ class Batcher:
   def submit(self, request: Request) -> concurrent.futures.Future:
     if len(request.rows) > self.max_rows:
       raise ValueError(f"a request of {len(request.rows)} rows exceeds the batch limit of {self.max_rows} rows")
+    with self._lock:
+      self._outstanding += 1
+      self._peak = max(self._peak, self._outstanding)
+    request.future.add_done_callback(self._answered)
     self._queue.put(request)
     return request.future
+
+  def _answered(self, _):
+    with self._lock:
+      self._outstanding -= 1
 
   def pending(self) -> int:
     return self._queue.qsize()
@@ -96,12 +113,16 @@ class Batcher:
         return []
       batch.append(first)
     deadline = time.monotonic() + self.window_s
+    with self._lock:
+      self._recent_peaks.append(self._peak)
+      self._peak = self._outstanding
+    expected = max(self._recent_peaks)
+    # Take whatever is queued; then wait (up to the window) only while fewer requests are here than were in
+    # flight together lately, so a lone client never waits.
     while sum(len(r.rows) for r in batch) < self.max_rows:
-      remaining = deadline - time.monotonic()
-      if remaining <= 0:
-        break
+      remaining = deadline - time.monotonic() if len(batch) < expected else 0.0
       try:
-        item = self._queue.get(timeout=remaining)
+        item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
       except queue.Empty:
         break
       if item is None:

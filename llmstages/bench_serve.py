@@ -2,7 +2,7 @@ r"""Serving benchmark: completion tokens/s and request latency (p50/p95) of `llm
 concurrent clients.
 
   python -m llmstages.bench_serve --workdir=DIR --stage=STAGE [--clients=1,8 --requests=32 --max_tokens=64
-      --temperature=0.8 --prompt_tokens=24]
+      --temperature=0.8 --prompt_tokens=24 --batch_window_ms=20]
 
 Starts the server in this process on a free 127.0.0.1 port (the same app `python -m llmstages.serve` runs) and
 drives it over HTTP: each client thread sends `/v1/completions` requests one after another, `--requests` in all
@@ -24,7 +24,7 @@ import numpy as np
 import uvicorn
 from absl import app, flags
 
-from llmstages import load, serve
+from llmstages import load, openai_api
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's workdir.")
 _STAGE = flags.DEFINE_string("stage", None, "The stage to serve.")
@@ -33,6 +33,7 @@ _REQUESTS = flags.DEFINE_integer("requests", 32, "Timed requests per concurrency
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 64, "max_tokens of every request.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature of every request.")
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 24, "Roughly this many prompt tokens per request.")
+_WINDOW_MS = flags.DEFINE_float("batch_window_ms", 20.0, "The server's batching window (serve --batch_window_ms).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
 flags.mark_flags_as_required(["workdir", "stage"])
 
@@ -78,8 +79,8 @@ def main(argv):
   del argv
   loaded = load.load_stage(_WORKDIR.value, _STAGE.value, needed_by="bench_serve")
   context = loaded.sampler.cfg.max_seq_len
-  limits = serve.Limits(max_prompt_tokens=context - 1, max_tokens=context - 1, max_n=8)
-  fastapi_app = serve.create_app(loaded, limits)
+  limits = openai_api.Limits(max_prompt_tokens=context - 1, max_tokens=context - 1, max_n=8)
+  fastapi_app = openai_api.create_app(loaded, limits, window_ms=_WINDOW_MS.value)
   batcher = fastapi_app.state.service.batcher
   server, thread, base = start_server(fastapi_app)
   words = "the of a an to in is on at by for with".split()
@@ -99,7 +100,7 @@ def main(argv):
     thread.join(timeout=30)
   mc = loaded.sampler.cfg
   print(f"\n{loaded.stage} of {_WORKDIR.value}: d_model={mc.d_model}, layers={mc.num_layers}, vocab={mc.vocab_size}; "
-        f"max_tokens={_MAX_TOKENS.value}, temperature={_TEMPERATURE.value}")
+        f"max_tokens={_MAX_TOKENS.value}, temperature={_TEMPERATURE.value}, batch window {_WINDOW_MS.value} ms")
   print("| clients | requests | tokens/s | p50 latency (s) | p95 latency (s) | mean tokens | rows per sampler call |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
   for r in rows:

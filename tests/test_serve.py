@@ -15,6 +15,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
 ASK = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2 + 3?"}]
+# Prompts of 17 to 32 tokens and max_tokens <= 16 share the sampler's shapes, so the server compiles few times.
+PROMPT = "<|system|> You add numbers.<|end|><|user|> What is 2 + 3?<|end|><|assistant|>"
 
 
 def _free_port() -> int:
@@ -93,9 +95,8 @@ def test_streaming_equals_non_streaming_at_temperature_zero(client):
   assert len(chunks) > 3 and chunks[0].choices[0].delta.role == "assistant"
   assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
   assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
-  plain = client.completions.create(model="instruct", prompt="What is 2 + 3?", max_tokens=12, temperature=0)
-  streamed = client.completions.create(model="instruct", prompt="What is 2 + 3?", max_tokens=12, temperature=0,
-                                       stream=True)
+  plain = client.completions.create(model="instruct", prompt=PROMPT, max_tokens=12, temperature=0)
+  streamed = client.completions.create(model="instruct", prompt=PROMPT, max_tokens=12, temperature=0, stream=True)
   assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
   assert plain.usage.completion_tokens == 12 or plain.choices[0].finish_reason == "stop"
 
@@ -142,7 +143,7 @@ def test_a_missing_or_wrong_key_gets_401(server):
 
 
 def test_eight_concurrent_requests_are_all_answered_in_shared_batches(server, client):
-  prompts = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(8)]
+  prompts = [[ASK[0], {"role": "user", "content": f"What is {i} + {i}?"}] for i in range(8)]
   alone = [_chat(client, messages=m, temperature=0).choices[0].message.content for m in prompts]
   calls_before = httpx.get(f"{server[0]}/health").json()["sampler_calls"]
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
