@@ -150,3 +150,17 @@ def test_eight_concurrent_requests_are_all_answered_in_shared_batches(server, cl
     together = list(pool.map(lambda m: _chat(client, messages=m, temperature=0).choices[0].message.content, prompts))
   assert together == alone  # Batching with other requests changes no reply.
   assert httpx.get(f"{server[0]}/health").json()["sampler_calls"] - calls_before < 8
+
+
+def test_text_pieces_join_to_the_text_and_never_split_a_character(chat_run):
+  from llmstages import train
+  from llmstages.openai_api import text_deltas
+  tok = train.tokenizer_for(chat_run[0])
+  text = " 2 + 3 = 5 ✓ café 日本"  # Characters the tiny vocabulary lacks come as several byte-fallback tokens.
+  ids = tok.encode(text) + [tok.eos_id, 9, 9]
+  assert len(ids) > len(text.split()) + 3
+  pieces, finish, used = text_deltas(tok, ids, [], (tok.eos_id,), lstrip=True)
+  assert "".join(pieces) == text[1:] and finish == "stop" and used == len(ids) - 2
+  assert all("\ufffd" not in p for p in pieces) and len(pieces) > 5
+  pieces, finish, used = text_deltas(tok, ids, ["= 5"], (tok.eos_id,), lstrip=False)
+  assert "".join(pieces) == " 2 + 3 " and finish == "stop" and tok.decode(ids[:used]).endswith("= 5")
