@@ -218,16 +218,8 @@ def _install_errors(app: fastapi.FastAPI):
     return error_response(500, f"internal error: {type(e).__name__}: {e}", None, None, "server_error")
 
 
-def create_app(loaded, limits: Limits, *, api_key: str | None = None, max_rows: int = 32,
-               window_ms: float = 20.0) -> fastapi.FastAPI:
-  """The FastAPI app serving `loaded` (a `llmstages.load.LoadedStage`)."""
-  batcher = batching.Batcher(loaded.sampler, loaded.params, bos_id=loaded.tokenizer.bos_id, max_rows=max_rows,
-                             window_ms=window_ms)
-  svc = Service(loaded, limits, batcher)
-  app = fastapi.FastAPI(title="llmstages", on_shutdown=[batcher.close])
-  app.state.service = svc
-  _install_errors(app)
-
+def _install_guard(app: fastapi.FastAPI, api_key: str | None):
+  """The API key check and the body-size cap of every /v1 request."""
   @app.middleware("http")
   async def guard(request: fastapi.Request, call_next):
     if request.url.path.startswith("/v1"):
@@ -240,6 +232,19 @@ def create_app(loaded, limits: Limits, *, api_key: str | None = None, max_rows: 
         return error_response(413, f"request body of {size} bytes exceeds {MAX_BODY_BYTES}", None,
                               "request_too_large")
     return await call_next(request)
+
+
+def create_app(loaded, limits: Limits, *, api_key: str | None = None, max_rows: int = 32,
+               window_ms: float = 20.0) -> fastapi.FastAPI:
+  """The FastAPI app serving `loaded` (a `llmstages.load.LoadedStage`)."""
+  batcher = batching.Batcher(loaded.sampler, loaded.params, bos_id=loaded.tokenizer.bos_id, max_rows=max_rows,
+                             window_ms=window_ms)
+  svc = Service(loaded, limits, batcher)
+  app = fastapi.FastAPI(title="llmstages", on_shutdown=[batcher.close])
+  app.state.service = svc
+  _install_errors(app)
+
+  _install_guard(app, api_key)
 
   @app.get("/health")
   async def health():
