@@ -32,7 +32,11 @@ setuptools.setup(
     extras_require={
         # psycopg: tests/test_sweep.py runs a sweep against a PostgreSQL server it starts (SQLAlchemy's default
         # driver for postgresql:// URLs is psycopg 3).
-        "test": ["pytest>=8", "torch", "nltk", "psycopg[binary]>=3.1"],
+        # openai, httpx: tests/test_serve.py drives the server with the official client and sends raw requests.
+        "test": ["pytest>=8", "torch", "nltk", "psycopg[binary]>=3.1", "openai>=1.0", "httpx",
+                 "fastapi>=0.110", "uvicorn>=0.29"],
+        # `python -m llmstages.serve`: FastAPI (schemas, errors, SSE) on uvicorn.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx"],
         # A sweep whose workers on several machines share one PostgreSQL study: --storage=postgresql://...
         "postgres": ["psycopg[binary]>=3.1"],
         # The PyTorch reference model used only by `python -m llmstages.bench`.

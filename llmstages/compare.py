@@ -2,6 +2,7 @@ r"""Compares the runs of a sweep: per stage, each setting's metrics over seeds, 
 
   python -m llmstages.compare DIR [--out=REPORT.md]
   python -m llmstages.compare --from_json=REPORT.json [--out=REPORT.md]
+  python -m llmstages.compare --baseline WORKDIR [--stages=sft,instruct]   (a run with --config.eval.shots=K)
 
 Reads DIR/sweep.json (the experiment's metrics, Pareto pair and baseline, written by `python -m llmstages.sweep`)
 and every finished run's DIR/runs/<hash>/{run.json, result.json, <stage>/eval.json}. Per stage and setting, each
@@ -35,6 +36,10 @@ from llmstages.evals import metrics as M
 
 _OUT = flags.DEFINE_string("out", "", "The Markdown report; '' writes DIR/report.md. Plots and JSON go beside it.")
 _FROM_JSON = flags.DEFINE_string("from_json", "", "Re-render from this REPORT.json's per-seed values, not a DIR.")
+_BASELINE = flags.DEFINE_bool("baseline", False, "DIR is one pipeline's workdir run with eval.shots=K: print each "
+                              "stage's 0-shot and K-shot scores side by side (did fine-tuning beat prompting?).")
+_STAGES = flags.DEFINE_list("stages", [], "With --baseline: these stages, in this order (the last is 'after'); "
+                            "default: every stage with K-shot scores.")
 
 MIN_SEEDS_FOR_CLAIM = 3
 ALPHA = 0.05
@@ -344,6 +349,41 @@ def from_json(path: str, out: str = "", command: str = "") -> dict:
   return {"paths": write(report, out, command), "summary": report}
 
 
+def baseline_table(workdir: str, stages: list[str] | None = None) -> str:
+  """Markdown: one row per scored metric with a K-shot twin (`.../Kshot/greedy`, eval.shots=K), one column pair
+  (0-shot, K-shot) per stage that has eval.json, and the last column: the last stage at 0-shot minus the best
+  K-shot score of any earlier stage (> 0: fine-tuning beat prompting the model it started from)."""
+  import re
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  k = int(config.get("eval", {}).get("shots", 0))
+  evals = {}
+  for stage in stages or config["stages"]:
+    if stage not in config["stages"]:
+      raise ValueError(f"--stages: {stage!r} is not a stage of {workdir} ({config['stages']})")
+    path = os.path.join(workdir, stage, "eval.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        evals[stage] = {m: v["value"] for m, v in json.load(f)["metrics"].items()}
+  if k <= 0 or not evals:
+    raise ValueError(f"{workdir}: no K-shot scores (config eval.shots={k}, eval.json in {sorted(evals)}); "
+                     "run the pipeline with --config.eval.shots=K and evaluators such as bios_facts or arith")
+  shot = re.compile(rf"^(.*?){k}shot/(greedy)$")
+  stages = [s for s in evals if any(map(shot.match, evals[s]))]
+  if not stages:
+    raise ValueError(f"{workdir}: no stage has {k}-shot scores; list bios_facts, world_facts or arith in its evals")
+  rows = sorted({m.group(1) + m.group(2) for e in evals.values() for m in map(shot.match, e) if m})
+  lines = ["| metric | " + " | ".join(f"{s} 0-shot | {s} {k}-shot" for s in stages)
+           + f" | {stages[-1]} 0-shot - best earlier {k}-shot |", "| --- " * (2 * len(stages) + 2) + "|"]
+  for metric in rows:
+    twin = metric[:-len("greedy")] + f"{k}shot/greedy"
+    cells = [evals[s].get(m, float("nan")) for s in stages for m in (metric, twin)]
+    earlier = [evals[s].get(twin, float("nan")) for s in stages[:-1]]
+    gain = evals[stages[-1]].get(metric, float("nan")) - max(earlier) if earlier else float("nan")
+    lines.append(f"| {metric} | " + " | ".join(_fmt(c) for c in cells) + f" | {gain:+.3f} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   if _FROM_JSON.value:
     if len(argv) != 1:
@@ -351,7 +391,14 @@ def main(argv):
     result = from_json(_FROM_JSON.value, _OUT.value)
   else:
     if len(argv) != 2:
-      raise app.UsageError("usage: python -m llmstages.compare DIR [--out=REPORT.md]")
+      raise app.UsageError("usage: python -m llmstages.compare DIR [--out=REPORT.md] | --baseline WORKDIR")
+    if _BASELINE.value:
+      table = baseline_table(argv[1], _STAGES.value or None)
+      print(table)
+      if _OUT.value:
+        with open(_OUT.value, "w") as f:
+          f.write(table + "\n")
+      return
     result = compare(argv[1], _OUT.value)
   print("\n".join(f"wrote {p}" for p in result["paths"].values()))
 

@@ -94,6 +94,7 @@ def eval_config() -> ml_collections.ConfigDict:
   e.chat = "auto"
   # V of EAD (diversity): 0 = the story grammar's word vocabulary (`stories.word_vocabulary`), > 0 = this value.
   e.ead_vocab = 0
+  e.shots = 0  # K > 0: factual and arithmetic evaluators also score each prompt after K solved training examples.
   return e
 
 
@@ -160,6 +161,7 @@ def stage_config(name: str, **overrides) -> ml_collections.ConfigDict:
   s.eval_data = ""  # Held-out mixture; '' uses `data` with split 'validation'.
   s.replay = 0.0  # Fraction of each batch drawn from the init_from stage's mixture (continued pretraining).
   s.pack = True
+  s.too_long = "auto"  # Examples longer than seq_len: auto | error | truncate | chunk (llmstages.data.report).
   s.cross_document_attention = False
   s.init_from = ""  # '' (fresh init) or the name of an earlier stage whose final parameters start this one.
   s.log_every = 10

@@ -11,13 +11,13 @@ the evaluators do; `always` / `never` force it.
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import app, flags
 
 from llmstages import cli
 from llmstages.data import chat as data_chat
+from llmstages import load
+
+load_config = load.load_config  # Kept for callers of generate.load_config.
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's workdir (holds config.json and the stages).")
 _STAGE = flags.DEFINE_string("stage", None, "Which stage's final parameters to sample from.")
@@ -35,35 +35,17 @@ _CHAT = flags.DEFINE_enum("chat", "auto", ["auto", "always", "never"],
 flags.mark_flags_as_required(["workdir", "stage", "prompt"])
 
 
-def load_config(workdir: str):
-  """The resolved config a pipeline wrote to `workdir/config.json`, as a locked ConfigDict."""
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a directory a pipeline ran in")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.lock()
-  return config
-
-
 def generate(workdir: str, stage: str, prompts: list[str], **kw) -> list[dict]:
   """Samples for each prompt: [{'prompt', 'format', 'samples': [reply, ...], 'answers', 'vote': (answer, share)}]."""
-  from llmstages import text, train
+  from llmstages import text
   from llmstages.evals import core, evaluators
-  from llmstages.sampler import Sampler
-  config = load_config(workdir)
+  loaded = load.load_stage(workdir, stage, mc_dropout=kw.pop("mc_dropout", 0.0),
+                           needed_by=f"generate --stage={stage}")
+  tok, sampler, params = loaded.tokenizer, loaded.sampler, loaded.params
   chat = kw.pop("chat", "auto")
-  fmt = core.prompt_format(config, stage) if chat == "auto" else core.PROMPT_FORMATS[chat]
-  if stage not in config.stages:
-    raise ValueError(f"--stage={stage!r} is not one of this workdir's stages {list(config.stages)}")
-  tctx = train.build_context(config, stage)
-  params = train.load_final_params(workdir, stage, tctx.abstract_lm_params(), needed_by=f"generate --stage={stage}")
-  tok = train.tokenizer_for(config)
-  sampler = Sampler(tctx.model_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=tctx.mesh, rules=tctx.rules,
-                    mc_dropout=kw.pop("mc_dropout", 0.0))
+  fmt = core.prompt_format(loaded.config, stage) if chat == "auto" else core.PROMPT_FORMATS[chat]
   n = kw.get("num_samples", 1)
-  out = sampler.generate(params, [[tok.bos_id] + tok.encode(core.wrap_question(p, fmt)) for p in prompts], **kw)
+  out = sampler.generate(params, [loaded.encode_prompt(core.wrap_question(p, fmt)) for p in prompts], **kw)
   texts = [tok.decode([t for t in seq if t not in (tok.eos_id, tok.pad_id)]) for seq in out.sequences()]
   replies = [t.split(data_chat.END, 1)[0] for t in texts]
   results = []

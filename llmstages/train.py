@@ -414,6 +414,20 @@ def tokenizer_for(config):
   return tok
 
 
+def report_local_data(ctx: StageContext, tokenizer) -> list[str]:
+  """Prints what the stage's local files hold and the epochs its steps imply; refuses too-long examples
+  (`<stage>.too_long`, see `llmstages.data.report`) before anything compiles or trains."""
+  from llmstages.data import report
+  scfg = ctx.scfg
+  _, lines = report.check_and_report(stage_mixture(ctx.config, ctx.name), tokenizer=tokenizer, seq_len=scfg.seq_len,
+                                     batch_size=scfg.batch_size, steps=scfg.steps, pack=scfg.pack,
+                                     data_dir=data_dir(ctx.config), too_long=scfg.get("too_long", "auto"),
+                                     where=f"config.{ctx.name}")
+  for line in lines:
+    print(f"[{ctx.name}] data: {line}", flush=True)
+  return lines
+
+
 def make_batches(ctx: StageContext, tokenizer, split: str = "train", mixture=None):
   from llmstages import data
   scfg = ctx.scfg
@@ -425,7 +439,8 @@ def make_batches(ctx: StageContext, tokenizer, split: str = "train", mixture=Non
   return data.make_iterator(mixture, tokenizer=tokenizer, batch_size=scfg.batch_size, seq_len=scfg.seq_len,
                             seed=ctx.config.seed, split=split, data_dir=data_dir(ctx.config),
                             process_index=index, process_count=count,
-                            pack=scfg.pack, cross_document_attention=scfg.cross_document_attention)
+                            pack=scfg.pack, cross_document_attention=scfg.cross_document_attention,
+                            truncate=scfg.get("too_long", "auto") == "truncate")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -534,6 +549,7 @@ def run_stage(config, name: str, workdir: str, tokenizer=None, mesh=None) -> dic
     return {"stage": name, "skipped": True}
   tokenizer = tokenizer if tokenizer is not None else tokenizer_for(config)
   ctx.tokenizer = tokenizer
+  report_local_data(ctx, tokenizer)
   ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=scfg.keep_checkpoints)
   try:
     return _train(ctx, workdir, stage_dir, ckpt, tokenizer)

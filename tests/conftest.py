@@ -7,3 +7,45 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def write_chat_file(path, n: int = 6):
+  """OpenAI fine-tuning chat lines: a system prompt, a sum to do, and the answer as a sentence."""
+  with open(path, "w") as f:
+    for a in range(n):
+      for b in range(n):
+        f.write(json.dumps({"messages": [{"role": "system", "content": "You add numbers."},
+                                         {"role": "user", "content": f"What is {a} + {b}?"},
+                                         {"role": "assistant", "content": f"{a} + {b} = {a + b}."}]}) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory):
+  """A tiny model instruction-tuned on a chat JSONL file (`chat:PATH`): (config, workdir, chat file, stdout).
+  test_chatdata checks what training printed and learned; test_serve serves it."""
+  import contextlib
+  import io
+  from llmstages import config as config_lib, pipeline
+  from tests.helpers import one_device_mesh
+  d = tmp_path_factory.mktemp("chat_run")
+  path = write_chat_file(d / "train.jsonl")
+  c = config_lib.base_config()
+  c.data.dir = str(d / "data")
+  c.model.update(dict(vocab_size=320, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                      max_seq_len=128))
+  c.stages = ("instruct",)
+  c.instruct = config_lib.stage_config("instruct", steps=60, batch_size=8, seq_len=64, warmup_steps=5, log_every=5,
+                                       eval_every=0, checkpoint_every=1000, learning_rate=1e-2,
+                                       data=f"chat:{path}")
+  c.instruct.reg.weight_decay = 0.0
+  c = config_lib.finalize(c)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    pipeline.run(c, str(d / "run"), mesh=one_device_mesh())
+  return c, str(d / "run"), path, out.getvalue()

@@ -4,7 +4,7 @@ Documents. Each document becomes `ids = [BOS] + tokens + [EOS]` with a loss flag
 `sources.Document`); its training pairs are `inputs = ids[:-1]`, `targets = ids[1:]`, and `loss_mask` is the loss
 flag of the *target* token (so for prompt/completion data exactly the completion tokens and the final EOS count).
 A document with more than `seq_len` pairs is cut into chunks of `seq_len` pairs, each chunk its own segment with
-positions restarting at 0.
+positions restarting at 0 (or, with `truncate=True`, cut to its first `seq_len` pairs).
 
 Packing (`pack=True`). First fit over a lookahead buffer of the next `PACK_LOOKAHEAD` pieces in stream order:
 a row takes the oldest buffered piece that still fits, until none does; then it is padded and closed. An empty
@@ -59,7 +59,8 @@ class BatchIterator:
 
     def __init__(self, mixture, *, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int,
                  split: str = "train", data_dir: str, process_index: int = 0, process_count: int = 1,
-                 pack: bool = True, cross_document_attention: bool = False, repeat: bool = True):
+                 pack: bool = True, cross_document_attention: bool = False, repeat: bool = True,
+                 truncate: bool = False):
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
         if batch_size < 1 or batch_size % process_count:
@@ -72,6 +73,7 @@ class BatchIterator:
         self.batch_size, self.seq_len, self.seed, self.split = batch_size, seq_len, seed, split
         self.process_index, self.process_count = process_index, process_count
         self.pack, self.cross_document_attention, self.repeat = pack, cross_document_attention, repeat
+        self.truncate = truncate  # Cut documents to seq_len pairs instead of chunking them (report.TOO_LONG).
         self._order_seed = seed if split == "train" else 0
         self.sources = [sources_lib.open_source(text, split, data_dir) for text, _ in self.mixture]
         self._weights = np.asarray([w for _, w in self.mixture], np.float64)
@@ -159,6 +161,8 @@ class BatchIterator:
         cached = self._token_cache.get(key)
         if cached is None:
             cached = tokenize_document(self.tokenizer, self.sources[source].document(record))
+            if self.truncate and len(cached[0]) > self.seq_len + 1:
+                cached = (cached[0][:self.seq_len + 1], cached[1][:self.seq_len + 1])
             if len(self._token_cache) < _TOKEN_CACHE_DOCS:
                 self._token_cache[key] = cached
         return cached
@@ -327,11 +331,13 @@ def make_preference_iterator(mixture, *, tokenizer: Tokenizer, batch_size: int, 
 
 def make_iterator(mixture, *, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int,
                   split: str = "train", data_dir: str, process_index: int = 0, process_count: int = 1,
-                  pack: bool = True, cross_document_attention: bool = False, repeat: bool = True) -> BatchIterator:
+                  pack: bool = True, cross_document_attention: bool = False, repeat: bool = True,
+                  truncate: bool = False) -> BatchIterator:
     """Batches of `mixture` (a spec string or [(source, weight)]); see the module docstring.
 
     next(it) -> dict of numpy arrays [batch_size // process_count, seq_len]: 'inputs', 'targets', 'segment_ids',
     'positions' (int32) and 'loss_mask' (float32)."""
     return BatchIterator(mixture, tokenizer=tokenizer, batch_size=batch_size, seq_len=seq_len, seed=seed,
                          split=split, data_dir=data_dir, process_index=process_index, process_count=process_count,
-                         pack=pack, cross_document_attention=cross_document_attention, repeat=repeat)
+                         pack=pack, cross_document_attention=cross_document_attention, repeat=repeat,
+                         truncate=truncate)

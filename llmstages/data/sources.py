@@ -5,8 +5,10 @@ A *source spec* names where documents come from:
     NAME                     a registered corpus source, e.g. `bios`, `bios_qa`, `arith`
     NAME(k=v,...)            with corpus arguments, e.g. `bios(n=2000,format=multi_permute,seed=1)`;
                              the special argument `split=S` reads builder split S whatever split the iterator asks
-    file:PATH                a local .txt (documents = blank-line-separated paragraphs) or .jsonl file (objects
-                             with 'text', or 'prompt' and 'completion'); the same documents for every split
+    file:PATH                a local .txt (documents = blank-line-separated paragraphs) or .jsonl file (chat,
+                             preference, prompt, prompt/completion or text lines, see `jsonl`; the format is
+                             detected and every line validated first); the same documents for every split
+    chat:PATH                a .jsonl file that must be chat (OpenAI's fine-tuning format)
     tfds:NAME[/CONFIG][:SPLIT]  a TFDS catalog dataset read with `tfds.data_source` from TFDS's own data dir;
                              without SPLIT the iterator's split is used
 
@@ -19,12 +21,11 @@ A document is a list of `(text, has_loss)` segments: plain text is `[(text, True
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Callable, Sequence
 
-from llmstages.data import chat, corpus
+from llmstages.data import chat, corpus, jsonl
 
 Document = list[tuple[str, bool]]
 
@@ -49,15 +50,15 @@ def register_source(name: str, builder: Callable[[], type], *, train: str = "tra
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-    kind: str                  # 'corpus' | 'file' | 'tfds'
+    kind: str                  # 'corpus' | 'file' | 'chat' | 'tfds'
     name: str                  # registry name, file path, or TFDS 'name[/config]'
     kwargs: tuple = ()         # sorted (key, value) corpus arguments
     split: str | None = None   # explicit split, overriding the iterator's
 
     @property
     def text(self) -> str:
-        if self.kind == "file":
-            return f"file:{self.name}"
+        if self.kind in ("file", "chat"):
+            return f"{self.kind}:{self.name}"
         if self.kind == "tfds":
             return f"tfds:{self.name}" + (f":{self.split}" if self.split else "")
         args = [f"{k}={v}" for k, v in self.kwargs] + ([f"split={self.split}"] if self.split else [])
@@ -99,11 +100,12 @@ _NAME_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?$", re.S)
 def parse_source(text: str) -> SourceSpec:
     """Parses one source spec (see the module docstring); raises ValueError for unknown names."""
     text = text.strip()
-    if text.startswith("file:"):
-        path = os.path.expanduser(text[len("file:"):].strip())
-        if not path:
-            raise ValueError(f"source {text!r}: file: needs a path")
-        return SourceSpec("file", path)
+    for kind in ("file", "chat"):
+        if text.startswith(f"{kind}:"):
+            path = os.path.expanduser(text[len(kind) + 1:].strip())
+            if not path:
+                raise ValueError(f"source {text!r}: {kind}: needs a path")
+            return SourceSpec(kind, path)
     if text.startswith("tfds:"):
         rest = text[len("tfds:"):].strip()
         name, _, split = rest.partition(":")
@@ -112,7 +114,8 @@ def parse_source(text: str) -> SourceSpec:
         return SourceSpec("tfds", name.strip(), split=split.strip() or None)
     m = _NAME_RE.match(text)
     if not m:
-        raise ValueError(f"source {text!r}: expected NAME, NAME(k=v,...), file:PATH or tfds:NAME[/CONFIG]:SPLIT")
+        raise ValueError(f"source {text!r}: expected NAME, NAME(k=v,...), file:PATH, chat:PATH or "
+                         "tfds:NAME[/CONFIG]:SPLIT")
     name, args = m.group(1), m.group(2)
     if name not in SOURCES:
         raise ValueError(f"unknown dataset {name!r} in {text!r}; known datasets: {', '.join(sorted(SOURCES))}, "
@@ -143,7 +146,7 @@ def parse_mixture(spec: str | Sequence[tuple[str, float]]) -> list[tuple[str, fl
                 raise ValueError(f"mixture {spec!r}: empty entry")
             head, sep, tail = part.rpartition(":")
             weight = 1.0
-            if sep and head and not head.endswith(("file", "tfds")) and _is_float(tail):
+            if sep and head and not head.endswith(("file", "chat", "tfds")) and _is_float(tail):
                 part, weight = head.strip(), float(tail)
             entries.append((part, weight))
     else:
@@ -220,36 +223,18 @@ class ListSource(DocSource):
         return self._records[i]
 
 
-def read_file(path: str) -> list[dict]:
-    """Records of a .txt or .jsonl file; clear errors for missing/empty files and malformed lines."""
+def read_file(path: str, expect: str | None = None) -> list[dict]:
+    """Records of a .txt or .jsonl file (`jsonl.read_jsonl`: every line validated, format detected or `expect`ed);
+    clear errors for missing/empty files and bad lines."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"file:{path}: no such file")
+        raise FileNotFoundError(f"{'chat' if expect == 'chat' else 'file'}:{path}: no such file")
+    if expect is not None and not path.endswith(".jsonl"):
+        raise ValueError(f"chat:{path}: a chat file must be .jsonl (one {{\"messages\": [...]}} per line)")
     with open(path, encoding="utf-8") as f:
         content = f.read()
     records = []
     if path.endswith(".jsonl"):
-        for lineno, line in enumerate(content.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSONL line ({e.msg}): {line[:80]!r}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            meta = obj.get("meta", {})
-            if not isinstance(meta, dict):
-                raise ValueError(f"{path}:{lineno}: 'meta' must be a JSON object")
-            if isinstance(obj.get("text"), str):
-                records.append({"format": "text", "text": obj["text"], "meta": meta})
-            elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
-                rec = {"format": "pc", "prompt": obj["prompt"], "completion": obj["completion"], "meta": meta}
-                if isinstance(obj.get("rejected"), str):  # A preference pair: completion is the chosen one.
-                    rec.update(format="pref", rejected=obj["rejected"])
-                records.append(rec)
-            else:
-                raise ValueError(f"{path}:{lineno}: expected a string 'text' or string 'prompt' and 'completion' "
-                                 f"(and 'rejected' for a preference pair); got keys {sorted(obj)}")
+        _, records = jsonl.read_jsonl(path, expect)
     elif path.endswith((".txt", ".md")):
         records = [{"format": "text", "text": p.strip()} for p in re.split(r"\n\s*\n", content) if p.strip()]
     else:
@@ -303,8 +288,8 @@ def builder_split(spec: SourceSpec, split: str) -> str:
 def open_source(spec: SourceSpec | str, split: str, data_dir: str) -> DocSource:
     """Opens a source for one iterator split ('train', 'validation', or a builder split name)."""
     spec = parse_source(spec) if isinstance(spec, str) else spec
-    if spec.kind == "file":
-        return ListSource(spec, read_file(spec.name))
+    if spec.kind in ("file", "chat"):
+        return ListSource(spec, read_file(spec.name, "chat" if spec.kind == "chat" else None))
     if spec.kind == "tfds":
         return TfdsSource(spec, spec.split or split)
     return CorpusSource(spec, corpus_builder(spec, data_dir), builder_split(spec, split))
@@ -313,8 +298,9 @@ def open_source(spec: SourceSpec | str, split: str, data_dir: str) -> DocSource:
 def source_info(name_spec: str, data_dir: str) -> dict:
     """Metadata of a source: for corpora the builder's metadata (bios: fact table, N0, S0, ...) plus splits."""
     spec = parse_source(name_spec)
-    if spec.kind == "file":
-        return {"source": spec.text, "kind": "file", "num_documents": len(read_file(spec.name))}
+    if spec.kind in ("file", "chat"):
+        return {"source": spec.text, "kind": spec.kind,
+                "num_documents": len(read_file(spec.name, "chat" if spec.kind == "chat" else None))}
     if spec.kind == "tfds":
         import tensorflow_datasets as tfds
         builder = tfds.builder(spec.name, data_dir=os.environ.get("TFDS_DATA_DIR"))

@@ -145,6 +145,31 @@ def _bios_info(ctx: EvalContext) -> dict:
   return data.source_info(ctx.ecfg.bios, ctx.data_dir)
 
 
+def _shot_prefix(ctx: EvalContext, spec: str) -> str:
+  """`eval.shots` solved examples, one per line, from the end of `spec`'s train split: evaluators score the first
+  `num_prompts` records of a split, so no shot is a scored prompt."""
+  from llmstages import data
+  k, n = ctx.ecfg.get("shots", 0), ctx.ecfg.num_prompts
+  src = data.open_source(spec, "train", ctx.data_dir)
+  if len(src) < k + n:
+    raise ValueError(f"config.eval.shots={k}: {spec!r} has {len(src)} training records, fewer than shots + "
+                     f"num_prompts = {k + n}, so shots would overlap the scored prompts")
+  recs = [src.record(i) for i in range(len(src) - k, len(src))]
+  return "".join(f"{r['prompt']}{r['completion']}\n" for r in recs)
+
+
+def _score_with_shots(ctx: EvalContext, spec: str, prompts: Sequence[str], correct, prefix: str, **kw) -> dict:
+  """`_score_prompts` as asked (0-shot), and with `eval.shots = K > 0` the same prompts after K solved examples of
+  `spec`, under `{prefix}{K}shot/`: the prompting baseline fine-tuning has to beat."""
+  out = _score_prompts(ctx, prompts, correct, prefix, **kw)
+  k = ctx.ecfg.get("shots", 0)
+  if k > 0:  # The examples go before the question, inside the chat turn when there is one.
+    shots = _shot_prefix(ctx, spec)
+    questions = [shots + q for q in (kw.pop("questions", None) or prompts)]
+    out.update(_score_prompts(ctx, prompts, correct, f"{prefix}{k}shot/", questions=questions, **kw))
+  return out
+
+
 @register("bios_facts")
 def bios_facts(ctx: EvalContext) -> dict:
   info = _bios_info(ctx)
@@ -168,10 +193,11 @@ def bios_facts(ctx: EvalContext) -> dict:
       [out[f"memorization/{a}/greedy"].value for a in attrs])
   # Extraction: QA on QA-train people (seen in QA data if a stage trained on it) and QA-test people.
   for split, name in (("train", "qa_train"), ("validation", "qa_test")):
-    recs = _records(ctx, _with_name(ctx.ecfg.bios, "bios_qa"), split, n)
+    qa = _with_name(ctx.ecfg.bios, "bios_qa")
+    recs = _records(ctx, qa, split, n)
     prompts = [r["prompt"] for r in recs]
     answers = [r["completion"] for r in recs]
-    out.update(_score_prompts(ctx, prompts, _matches(answers), f"{name}/"))
+    out.update(_score_with_shots(ctx, qa, prompts, _matches(answers), f"{name}/"))
   # Never-seen people: any answer is invented.
   recs = _records(ctx, _with_name(ctx.ecfg.bios, "bios_qa_unseen"), "train", n)
   greedy = ctx.sampler().generate(ctx.params, [ctx.encode_question(r["prompt"]) for r in recs],
@@ -187,9 +213,10 @@ def world_facts(ctx: EvalContext) -> dict:
     raise ValueError(f"config.eval.world is empty but stage {ctx.stage!r} lists world_facts")
   out = {}
   for split, name in (("train", "train_templates"), ("validation", "heldout_templates")):
-    recs = _records(ctx, _with_name(ctx.ecfg.world, "world_qa"), split, ctx.ecfg.num_prompts)
+    qa = _with_name(ctx.ecfg.world, "world_qa")
+    recs = _records(ctx, qa, split, ctx.ecfg.num_prompts)
     answers = [r["completion"] for r in recs]
-    out.update(_score_prompts(ctx, [r["prompt"] for r in recs], _matches(answers), f"{name}/"))
+    out.update(_score_with_shots(ctx, qa, [r["prompt"] for r in recs], _matches(answers), f"{name}/"))
   return out
 
 
@@ -205,8 +232,8 @@ def arith(ctx: EvalContext) -> dict:
   # In the chat template a worked answer is asked for as instruction tuning asks for it.
   ask = "Show your work. " if scratchpad and ctx.prompt_format == "chat" else ""
   solutions = [arith_lib.solve(*arith_lib.parse_prompt(p)) for p in prompts]
-  return _score_prompts(ctx, prompts, lambda i, a: a is not None and int(a) == solutions[i], "",
-                        max_new_tokens=new, extract=arith_answer, questions=[ask + p for p in prompts])
+  return _score_with_shots(ctx, ctx.ecfg.arith, prompts, lambda i, a: a is not None and int(a) == solutions[i], "",
+                           max_new_tokens=new, extract=arith_answer, questions=[ask + p for p in prompts])
 
 
 @register("capacity")
