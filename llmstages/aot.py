@@ -35,6 +35,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5e-8", "TPU topology: a name in TO
 _STAGE = flags.DEFINE_string("stage", "", "Stage whose train step to compile ('' = the config's first).")
 _DECODE = flags.DEFINE_bool("decode", True, "Also compile the decode loop (stage batch rows, seq_len/2 + seq_len/2).")
 _TABLE = flags.DEFINE_bool("table", False, "Print the README's table of configs x topologies instead.")
+_COSTS = flags.DEFINE_bool("costs", True, "Count FLOPs and bytes for the roofline (2 more compiles with scanned "
+                            "layers); --nocosts reports memory only.")
 _ROWS = flags.DEFINE_list("rows", [], "With --table: only these rows, as size@topology (e.g. 1b@v5e-8).")
 
 # Cloud TPU names -> (libtpu topology, chips per host, chip config). Chips per host as on the single-host VMs
@@ -130,10 +132,11 @@ def step_costs(config, stage: str, mesh, compiled) -> tuple[float, float]:
   return f1 + extra * (f2 - f1), b1 + extra * (b2 - b1)
 
 
-def plan(config, stage: str, devices, decode: bool = True, costs_if_no_fit: bool = True) -> dict:
+def plan(config, stage: str, devices, decode: bool = True, costs_if_no_fit: bool = True, costs: bool = True) -> dict:
   """Compiles `stage`'s train step (and the decode loop) for `devices`; returns the per-chip figures.
 
-  `costs_if_no_fit=False` skips the FLOP and byte counts (more compiles) of a step that does not fit."""
+  `costs=False` skips the FLOP and byte counts (more compiles), `costs_if_no_fit=False` those of a step that does
+  not fit; the roofline is then NaN."""
   mesh = partitioning.make_mesh(config.mesh, devices)
   ctx = train.build_context(config, stage, mesh)
   chip = roofline.CHIPS.get(devices[0].device_kind)
@@ -147,7 +150,8 @@ def plan(config, stage: str, devices, decode: bool = True, costs_if_no_fit: bool
   # Donated state: outputs alias arguments, so the live peak is arguments + temporaries + unaliased outputs.
   peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
   fits = peak <= chip.hbm_bytes
-  flops, hbm_bytes = step_costs(config, stage, mesh, compiled) if fits or costs_if_no_fit else (np.nan, np.nan)
+  counted = costs and (fits or costs_if_no_fit)
+  flops, hbm_bytes = step_costs(config, stage, mesh, compiled) if counted else (np.nan, np.nan)
   scfg = ctx.scfg
   tokens = scfg.batch_size * scfg.seq_len
   model_flops = roofline.train_flops_per_token(ctx.model_cfg, scfg.seq_len) * tokens / len(devices)
@@ -231,15 +235,16 @@ def llama_config(arg: str):
   return module.get_config(arg)
 
 
-def table_row(size: str, topology: str) -> str:
+def table_row(size: str, topology: str, costs: bool = True) -> str:
   devices = topology_devices(topology)
   arg = f"{size},chips={len(devices)}"
-  p = plan(llama_config(arg), "pretrain", devices, decode=False, costs_if_no_fit=False)
+  p = plan(llama_config(arg), "pretrain", devices, decode=False, costs_if_no_fit=False, costs=costs)
   r = p["roofline"]
+  shown = lambda x, fmt: "-" if np.isnan(x) else format(x, fmt)  # No costs counted (--nocosts, or no fit).
   return (f"| {size} | {topology} | {p['mesh']['fsdp']} | {p['batch']} x {p['seq_len']} | "
           f"{'yes' if p['fits'] else '**no**'} | {p['peak_bytes'] / 2**30:.1f} | {p['argument_bytes'] / 2**30:.1f} | "
-          f"{p['temp_bytes'] / 2**30:.1f} | {r.step_s * 1e3:,.0f} | {100 * r.mfu:.0f}% | {r.tokens_per_s:,.0f} | "
-          f"{p['compile_s']:.0f} |")
+          f"{p['temp_bytes'] / 2**30:.1f} | {shown(r.step_s * 1e3, ',.0f')} | {shown(100 * r.mfu, '.0f')}% | "
+          f"{shown(r.tokens_per_s, ',.0f')} | {p['compile_s']:.0f} |")
 
 
 def print_table(rows) -> None:
@@ -248,7 +253,7 @@ def print_table(rows) -> None:
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for row in rows:
     size, _, topology = row.partition("@")
-    print(table_row(size, topology), flush=True)
+    print(table_row(size, topology, costs=_COSTS.value), flush=True)
 
 
 def main(argv):
