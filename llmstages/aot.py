@@ -186,7 +186,7 @@ def plan_decode(ctx, chip) -> dict:
 
 
 def _gib(b: float) -> str:
-  return f"{b / 2**30:.2f} GiB"
+  return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 def report(p: dict, topology: str) -> str:
@@ -200,7 +200,7 @@ def report(p: dict, topology: str) -> str:
       f"sharded), outputs {_gib(p['output_bytes'])} ({_gib(p['alias_bytes'])} aliased to donated arguments), "
       f"temporaries {_gib(p['temp_bytes'])}; peak {_gib(p['peak_bytes'])} of {_gib(chip.hbm_bytes)} HBM: "
       f"{'fits' if p['fits'] else 'DOES NOT FIT'}",
-      f"per chip per step: {p['flops'] / 1e12:.2f} TFLOP compiled (model formula {p['model_flops'] / 1e12:.2f}), "
+      f"per chip per step: {p['flops'] / 1e9:,.1f} GFLOP compiled (model formula {p['model_flops'] / 1e9:,.1f}), "
       f"{p['hbm_traffic'] / 1e9:.1f} GB HBM traffic",
       f"PREDICTION (roofline, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s; "
       f"no communication): step >= {r.step_s * 1e3:.1f} ms ({r.bound}-bound; compute {r.compute_s * 1e3:.1f} ms, "
@@ -238,7 +238,13 @@ def llama_config(arg: str):
 def table_row(size: str, topology: str, costs: bool = True) -> str:
   devices = topology_devices(topology)
   arg = f"{size},chips={len(devices)}"
-  p = plan(llama_config(arg), "pretrain", devices, decode=False, costs_if_no_fit=False, costs=costs)
+  try:
+    p = plan(llama_config(arg), "pretrain", devices, decode=False, costs_if_no_fit=False, costs=costs)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The TPU compiler itself refuses a program that cannot fit HBM (CompileTimeHbmOom): report its words.
+    return f"| {size} | {topology} | {len(devices)} | | **no** | {str(e).split(':', 3)[-1].split('. HLO')[0]} |"
   r = p["roofline"]
   shown = lambda x, fmt: "-" if np.isnan(x) else format(x, fmt)  # No costs counted (--nocosts, or no fit).
   return (f"| {size} | {topology} | {p['mesh']['fsdp']} | {p['batch']} x {p['seq_len']} | "
