@@ -31,7 +31,8 @@ SHAPES = {
     "1b": (2048, 16, 32, 8, 8192, 128256, True, 500000.0),  # meta-llama/Llama-3.2-1B
     "8b": (4096, 32, 32, 8, 14336, 128256, False, 500000.0),  # meta-llama/Meta-Llama-3-8B
 }
-# Sequences of 2048 tokens per chip per step: what fits a 16 GiB v5e chip with full remat (see README's table).
+# Sequences of 2048 tokens per chip per step, with full remat: fits 16 GiB v5e chips once fsdp spreads the f32
+# state (1b needs >= 2 chips, 8b >= 16; see README's table).
 PER_CHIP_BATCH = {"125m": 8, "350m": 4, "1b": 2, "8b": 1}
 PEAK_LR = {"125m": 3e-3, "350m": 3e-3, "1b": 1e-3, "8b": 3e-4}
 SEQ_LEN = 2048
