@@ -41,5 +41,7 @@ setuptools.setup(
         "postgres": ["psycopg[binary]>=3.1"],
         # The PyTorch reference model used only by `python -m llmstages.bench`.
         "bench": ["torch"],
+        # `python -m llmstages.aot`: compiles for TPU topologies on any machine (tests/test_aot.py needs it).
+        "tpu": ["libtpu"],
     },
 )

@@ -28,6 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from llmstages import cli
+from llmstages.roofline import train_flops_per_token
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.", lock_config=True)
 
@@ -47,13 +48,6 @@ def measure_peak_gflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
     f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n**3 / best / 1e9
-
-
-def train_flops_per_token(mc, seq_len: int) -> float:
-  h = mc.dim_per_head
-  per_layer = mc.d_model * h * (2 * mc.num_heads + 2 * mc.num_kv_heads) + 3 * mc.d_model * mc.mlp_dim
-  n_matmul = mc.num_layers * per_layer + mc.d_model * mc.vocab_size
-  return 6.0 * n_matmul + 12.0 * mc.num_layers * seq_len * mc.num_heads * h
 
 
 def random_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:

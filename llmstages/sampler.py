@@ -204,6 +204,24 @@ class Sampler:
     return Samples(tokens=tokens, logprobs=logps, lengths=lengths, prompt_index=prompt_index)
 
 
+  def lower(self, params, rows: int, prompt_len: int, max_new_tokens: int, filtering: bool = False):
+    """The decode loop `generate` runs, lowered for `rows` prompts of `prompt_len` tokens and not run: `params` may
+    be abstract (`jax.ShapeDtypeStruct`s with shardings), so `llmstages.aot` can compile it for a TPU topology.
+    The prompts and sampling settings are replicated over the mesh, as `generate`'s host arrays are."""
+    rep = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    key = jax.eval_shape(jax.random.key, 0)
+    args = (params, spec((rows, prompt_len), jnp.int32), spec((rows,), jnp.int32),
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep), spec((), jnp.float32), spec((), jnp.int32),
+            spec((), jnp.float32), spec((), jnp.float32))
+    kwargs = dict(model=self.model, new_tokens=max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
+                  filtering=filtering, mc=self.mc_dropout > 0)
+    if self.mesh is None:
+      return _generate.lower(*args, **kwargs)
+    from llmstages import partitioning
+    with partitioning.activate(self.mesh, self.rules):
+      return _generate.lower(*args, **kwargs)
+
 @functools.partial(jax.jit, static_argnames=("model", "new_tokens"))
 def generate_without_cache(params, prompt_BxP, *, model: Decoder, new_tokens: int):
   """Greedy decoding by recomputing the whole forward pass for every token (a reference and a baseline).
