@@ -30,7 +30,9 @@ setuptools.setup(
     extras_require={
         # psycopg: tests/test_sweep.py runs a sweep against a PostgreSQL server it starts (SQLAlchemy's default
         # driver for postgresql:// URLs is psycopg 3).
-        "test": ["pytest>=8", "torch", "nltk", "psycopg[binary]>=3.1"],
+        # papermill, nbclient, ipykernel: tests/test_colab.py executes the colab/ notebooks in a Jupyter kernel.
+        "test": ["pytest>=8", "torch", "nltk", "psycopg[binary]>=3.1", "papermill>=2.6", "nbclient>=0.10",
+                 "ipykernel>=6.29"],
         # A sweep whose workers on several machines share one PostgreSQL study: --storage=postgresql://...
         "postgres": ["psycopg[binary]>=3.1"],
         # The PyTorch reference model used only by `python -m llmstages.bench`.
