@@ -49,6 +49,25 @@ def test_notebook_is_committed_stripped_and_complete(path):
   assert "/tmp" not in code and "~/" not in code and "expanduser" not in code, f"{name}: a path outside its workdir"
 
 
+def test_strip_outputs_leaves_a_committable_notebook(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("strip_outputs", os.path.join(ROOT, "colab", "strip_outputs.py"))
+  strip_outputs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(strip_outputs)
+  nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("1 + 1")])
+  nb.cells[1].execution_count = 3
+  nb.cells[1].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=3)]
+  nb.cells[1].metadata["papermill"] = {"duration": 0.1}
+  nb.metadata["papermill"] = {"parameters": {"smoke": True}}
+  path = str(tmp_path / "nb.ipynb")
+  nbformat.write(nb, path)
+  strip_outputs.strip(path)
+  out = _read(path)
+  assert out.cells[1].outputs == [] and out.cells[1].execution_count is None and out.cells[1].source == "1 + 1"
+  assert "papermill" not in out.cells[1].metadata and "papermill" not in out.metadata
+  assert out.cells[0].source == "# t"
+
+
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory):
   """The kernel runs this interpreter with this checkout importable, on one CPU device, whatever else is set up.
