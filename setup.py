@@ -33,8 +33,10 @@ setuptools.setup(
         # psycopg: tests/test_sweep.py runs a sweep against a PostgreSQL server it starts (SQLAlchemy's default
         # driver for postgresql:// URLs is psycopg 3).
         # openai, httpx: tests/test_serve.py drives the server with the official client and sends raw requests.
-        "test": ["pytest>=8", "torch", "nltk", "psycopg[binary]>=3.1", "openai>=1.0", "httpx",
-                 "fastapi>=0.110", "uvicorn>=0.29"],
+        # papermill, nbclient, ipykernel: tests/test_colab.py executes the colab/ notebooks in a Jupyter kernel.
+        # torch pinned: an unpinned torch resolves to a multi-GB CUDA build on the CI machines; 2.13.0 is the CPU one.
+        "test": ["pytest>=8", "torch==2.13.0", "nltk", "psycopg[binary]>=3.1", "openai>=1.0", "httpx",
+                 "fastapi>=0.110", "uvicorn>=0.29", "papermill>=2.6", "nbclient>=0.10", "ipykernel>=6.29"],
         # `python -m llmstages.serve`: FastAPI (schemas, errors, SSE) on uvicorn.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx"],
         # A sweep whose workers on several machines share one PostgreSQL study: --storage=postgresql://...

@@ -463,14 +463,15 @@ class Sweep:
       eta = _fmt_seconds(mean * left / max(1, counts["running"], self.workers))
     else:
       eta = "?" if left else "0s"
-    line = (f"[sweep] {counts['done']}/{total} done, {counts['failed']} failed, {counts['running']} running, "
-            f"{counts['waiting'] + counts['lost']} waiting | elapsed {_fmt_seconds(elapsed)}, eta {eta}")
+    state = (f"[sweep] {counts['done']}/{total} done, {counts['failed']} failed, {counts['running']} running, "
+             f"{counts['waiting'] + counts['lost']} waiting")
     with self.lock:
       if event:
         self.log(event)
-      if force or line != self._last_line or time.time() - self._last_print > self.progress_every:
-        self.log(line)
-        self._last_line, self._last_print = line, time.time()
+      # The state without the clock: a line per change, else one per progress_every (not one per 5 s poll).
+      if force or state != self._last_line or time.time() - self._last_print > self.progress_every:
+        self.log(f"{state} | elapsed {_fmt_seconds(elapsed)}, eta {eta}")
+        self._last_line, self._last_print = state, time.time()
 
   def stop(self, signum=None, frame=None) -> None:
     """SIGINT/SIGTERM: stop pulling, end the running runs (their trials fail; a rerun resumes them)."""
