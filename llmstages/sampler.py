@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmstages.losses import first_argmax
 from llmstages.model import Decoder, ModelConfig, RegSites, init_cache, zero_rates
 
 
@@ -47,14 +48,6 @@ class Samples:
   def sequences(self) -> list[list[int]]:
     """Each row's tokens up to and including EOS."""
     return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
-
-
-def first_argmax(x_BxV: jax.Array) -> jax.Array:
-  """argmax over the last axis (first index on ties) as two plain reductions: XLA:CPU's variadic-reduce argmax
-  is several times slower on a [B, V] row than a max and a min."""
-  v = x_BxV.shape[-1]
-  is_max = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
-  return jnp.min(jnp.where(is_max, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
 def _choose(logits_BxV, key, temperature, top_k, top_p, filtering: bool):
