@@ -53,11 +53,12 @@ class Samples:
 def _choose(logits_BxV, key, temperature, top_k, top_p, filtering: bool):
   """(token, log-prob) per row; see the module docstring for which log-prob."""
   logits = logits_BxV.astype(jnp.float32)
-  logp_t1 = jax.nn.log_softmax(logits, axis=-1)
 
   def greedy(_):
     token_B = first_argmax(logits)
-    return token_B, jnp.take_along_axis(logp_t1, token_B[:, None], axis=-1)[:, 0]
+    # log_softmax at the chosen token only (as losses.token_logprobs does), not over the whole [B, V] row.
+    chosen_B = jnp.take_along_axis(logits, token_B[:, None], axis=-1)[:, 0]
+    return token_B, chosen_B - jax.nn.logsumexp(logits, axis=-1)
 
   def sample(_):
     return _sample(logits, key, temperature, top_k, top_p, filtering)
