@@ -2,9 +2,15 @@ r"""The benchmark model: 4 layers, d_model 256, 4 heads, seq_len 256, batch 16, 
 
   python -m llmstages.bench --config=configs/bench.py [--config.bench.rounds=5 ...]
 
-Prints one JSON object per line: the measured matmul peak, our train step and the PyTorch (nanoGPT-style) train
-step of the same model, timed alternately in one run, and their ratio.
+Prints one JSON object per line: the measured matmul peak; our train step and the PyTorch (nanoGPT-style) train
+step of the same model, timed alternately in one run, and their ratio; our KV-cache decoding against the PyTorch
+reference's KV cache and transformers' `LlamaForCausalLM.generate`, alternately, and against full recompute. Then
+the same pairs (no full recompute) for the quickstart's model (configs/quickstart.py: d_model 128, batch 16 x 128),
+records marked "model": "quickstart". `--config.bench.also_quickstart=False` skips those.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
@@ -28,12 +34,26 @@ def get_config(arg: str = ""):
   c.bench.decode_batch = 32
   c.bench.decode_prompt_len = 16
   c.bench.decode_new_tokens = 128
-  c.bench.decode_repeats = 3
+  c.bench.decode_repeats = 3  # Alternating rounds of ours, the PyTorch reference and transformers.
+  c.bench.no_cache = True  # Also decode by full recompute (slow: ~1 s per token).
+  c.bench.also_quickstart = True
+  c.bench.quickstart = quickstart_shapes()
   if arg == "smoke":
     c.model.update(dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=64))
     c.pretrain.update(dict(batch_size=4, seq_len=32))
     c.bench.update(dict(rounds=1, steps_per_round=2, warmup=1, decode_batch=4, decode_new_tokens=8,
-                        decode_repeats=1))
+                        decode_repeats=1, also_quickstart=False))
   elif arg:
     raise ValueError(f"configs/bench.py: unknown arg {arg!r}; known: smoke")
   return config_lib.finalize(c)
+
+
+def quickstart_shapes() -> ml_collections.ConfigDict:
+  """The quickstart's model and pretraining batch shape, read from configs/pipeline.py (so they cannot drift)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline.py")
+  spec = importlib.util.spec_from_file_location("llmstages_configs_pipeline", path)
+  pipeline = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(pipeline)
+  quick = pipeline.build({"quick"})
+  return ml_collections.ConfigDict({"model": dict(quick.model), "batch_size": quick.pretrain.batch_size,
+                                    "seq_len": quick.pretrain.seq_len})

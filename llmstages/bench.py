@@ -8,9 +8,13 @@ r"""Benchmarks, one JSON object per line.
 - `train_step_torch`: the same model in plain PyTorch written the way nanoGPT is (`llmstages.torch_ref`), timed in
   alternating rounds with ours so both see the same machine state; `train_speedup` is the ratio of medians.
 - `decode`: the KV-cache sampler (`llmstages.sampler`, greedy) on `bench.decode_batch` prompts of
-  `bench.decode_prompt_len` tokens, `bench.decode_new_tokens` new tokens each; `decode_no_cache`: the same model
-  decoding by recomputing the whole forward pass per token (jitted); `decode_torch`: the PyTorch reference with
-  its own KV cache. Tokens/s count generated tokens over the whole call, prefill included.
+  `bench.decode_prompt_len` tokens, `bench.decode_new_tokens` new tokens each, in alternating rounds with
+  `decode_torch` (the PyTorch reference's preallocated KV cache) and `decode_hf` (transformers'
+  `LlamaForCausalLM.generate` with its KV cache, same size); `decode_*_speedup` are ratios of medians.
+  `decode_no_cache`: our model decoding by recomputing the whole forward pass per token (jitted). Tokens/s count
+  generated tokens over the whole call, prefill included.
+- With `bench.also_quickstart`, the train and decode pairs again at the quickstart's model size ("model":
+  "quickstart" in the records).
 MFU counts 6 * N + 12 * layers * seq_len * d_model FLOPs per token (N: parameters of every matmul, the output
 projection included, the embedding lookup not; attention counted as if not causal, as PaLM does).
 """
@@ -112,7 +116,7 @@ class TorchTrainer:
     return times
 
 
-def bench_train(config, peak_gflops: float) -> None:
+def bench_train(config, peak_gflops: float, label: str = "bench") -> None:
   b = config.bench
   mc_flops = train_flops_per_token(_model_cfg(config), config.pretrain.seq_len)
   ours = JaxTrainer(config)
@@ -129,7 +133,7 @@ def bench_train(config, peak_gflops: float) -> None:
   def record(name, times, tokens, extra):
     med = statistics.median(times)
     tps = tokens / med
-    return {"name": name, "tokens_per_sec": round(tps, 1), "step_ms": round(1e3 * med, 2),
+    return {"name": name, "model": label, "tokens_per_sec": round(tps, 1), "step_ms": round(1e3 * med, 2),
             "step_ms_min": round(1e3 * min(times), 2), "steps": len(times),
             "mfu": round(tps * mc_flops / (peak_gflops * 1e9), 4), **extra}
 
@@ -145,52 +149,68 @@ def bench_train(config, peak_gflops: float) -> None:
                       {"framework": f"torch {theirs.torch.__version__} eager", "threads": theirs.threads,
                        "fused_adamw": theirs.fused, "loss": round(theirs.last_loss, 4)})
     emit(r_theirs)
-    emit({"name": "train_speedup", "ratio": round(r_ours["tokens_per_sec"] / r_theirs["tokens_per_sec"], 3),
-          "target": 1.3})
+    emit({"name": "train_speedup", "model": label,
+          "ratio": round(r_ours["tokens_per_sec"] / r_theirs["tokens_per_sec"], 3), "target": 1.0})
 
 
-def _time_calls(fn, repeats: int) -> float:
-  fn()  # Compile / warm up.
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
+def _race(fns: dict, rounds: int) -> dict[str, list[float]]:
+  """Seconds per call of each function, called in turn round after round (after one warm-up call each), so that
+  all of them see the same machine state."""
+  for fn in fns.values():
     fn()
-    best = min(best, time.perf_counter() - t)
-  return best
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+  return times
 
 
-def bench_decode(config) -> None:
+def bench_decode(config, label: str = "bench") -> None:
+  """Our KV-cache sampler against the PyTorch reference's KV cache and transformers' `generate`, alternating;
+  then our decoding by full recompute (once: it is slow)."""
   from llmstages import sampler as sampler_lib
+  from llmstages import train
   from llmstages.model import Decoder
   b = config.bench
   mc = _model_cfg(config)
   batch, plen, new = b.decode_batch, b.decode_prompt_len, b.decode_new_tokens
   prompts = np.random.default_rng(0).integers(3, mc.vocab_size, (batch, plen)).astype(np.int32)
-  from llmstages import train
   ctx = train.build_context(config, "pretrain")
   params = ctx.init_state().params  # Random init, in the training shardings.
   s = sampler_lib.Sampler(mc, eos_id=-1, pad_id=0, mesh=ctx.mesh, rules=ctx.rules)  # No EOS: full length.
-  generated = batch * new
-  t_cache = _time_calls(lambda: s.generate(params, prompts.tolist(), max_new_tokens=new), b.decode_repeats)
-  emit({"name": "decode", "tokens_per_sec": round(generated / t_cache, 1), "ms_per_token": round(1e3 * t_cache / new,
-        3), "batch": batch, "prompt_len": plen, "new_tokens": new, "framework": f"jax {jax.__version__}"})
-  model = Decoder(mc)
-  no_cache = lambda: np.asarray(sampler_lib.generate_without_cache(params, jnp.asarray(prompts), model=model,
-                                                                   new_tokens=new))
-  t_full = _time_calls(no_cache, 1)
-  emit({"name": "decode_no_cache", "tokens_per_sec": round(generated / t_full, 1),
-        "ms_per_token": round(1e3 * t_full / new, 3), "cache_speedup": round(t_full / t_cache, 2), "target": 10.0})
+  fns = {"decode": lambda: s.generate(params, prompts.tolist(), max_new_tokens=new)}
   if b.torch:
     import torch
     from llmstages import torch_ref
     torch.set_num_threads(torch_ref.machine_cores())
     torch.manual_seed(0)
     tmodel = torch_ref.TorchDecoder(mc).eval()
+    hf_model = torch_ref.hf_llama(mc)
     tprompt = torch.from_numpy(prompts).long()
-    t_torch = _time_calls(lambda: torch_ref.generate(tmodel, tprompt, new), b.decode_repeats)
-    emit({"name": "decode_torch", "tokens_per_sec": round(generated / t_torch, 1),
-          "ms_per_token": round(1e3 * t_torch / new, 3), "framework": f"torch {torch.__version__} eager KV cache"})
-    emit({"name": "decode_speedup", "ratio": round(t_torch / t_cache, 3), "target": 1.5})
+    fns["decode_torch"] = lambda: torch_ref.generate(tmodel, tprompt, new)
+    fns["decode_hf"] = lambda: torch_ref.hf_generate(hf_model, tprompt, new)
+  times = _race(fns, b.decode_repeats)
+  generated = batch * new
+  frameworks = {"decode": f"jax {jax.__version__}", "decode_torch": "torch eager, preallocated KV cache (torch_ref)",
+                "decode_hf": "transformers LlamaForCausalLM.generate, its KV cache, sdpa"}
+  med = {name: statistics.median(t) for name, t in times.items()}
+  for name, t in times.items():
+    emit({"name": name, "model": label, "tokens_per_sec": round(generated / med[name], 1),
+          "ms_per_token": round(1e3 * med[name] / new, 3), "ms_per_token_min": round(1e3 * min(t) / new, 3),
+          "calls": len(t), "batch": batch, "prompt_len": plen, "new_tokens": new, "framework": frameworks[name]})
+  for peer in ("decode_torch", "decode_hf"):
+    if peer in med:
+      emit({"name": f"{peer}_speedup", "model": label, "ratio": round(med[peer] / med["decode"], 3), "target": 1.5})
+  if b.no_cache:
+    model = Decoder(mc)
+    no_cache = lambda: np.asarray(sampler_lib.generate_without_cache(params, jnp.asarray(prompts), model=model,
+                                                                     new_tokens=new))
+    t_full = _race({"no_cache": no_cache}, 1)["no_cache"][0]
+    emit({"name": "decode_no_cache", "model": label, "tokens_per_sec": round(generated / t_full, 1),
+          "ms_per_token": round(1e3 * t_full / new, 3), "cache_speedup": round(t_full / med["decode"], 2),
+          "target": 10.0})
 
 
 def _model_cfg(config):
@@ -205,10 +225,25 @@ def main(argv):
   emit({"name": "peak_matmul", "gflops": round(peak, 1), "dtype": config.model.dtype,
         "measured": not config.bench.peak_gflops, "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind)})
-  if config.bench.train:
-    bench_train(config, peak)
-  if config.bench.decode:
-    bench_decode(config)
+  runs = [("bench", config)]
+  if config.bench.also_quickstart:
+    runs.append(("quickstart", quickstart_config(config)))
+  for label, cfg in runs:
+    if cfg.bench.train:
+      bench_train(cfg, peak, label)
+    if cfg.bench.decode:
+      bench_decode(cfg, label)
+
+
+def quickstart_config(config):
+  """`config` with configs/quickstart.py's model and pretraining batch shape in place of the bench's."""
+  quick = config.bench.quickstart
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    out.model.update(dict(quick.model))
+    out.pretrain.update(dict(batch_size=quick.batch_size, seq_len=quick.seq_len))
+    out.bench.no_cache = False  # Once, at the bench size, is enough.
+  return out
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02
   m.scan_layers = False
   m.remat = "none"  # none | full | dots (see model.REMAT_POLICIES).
-  m.attention = "xla"  # xla | cudnn (GPU only) | manual. Attention dropout always uses the manual path.
+  m.attention = "xla"  # xla (= manual: model.explicit_attention) | auto, cudnn: jax.nn.dot_product_attention.
   return m
 
 

@@ -69,7 +69,7 @@ class ModelConfig:
       bad("head_dim", f"RoPE needs an even head dim, got {self.dim_per_head}")
     if self.remat not in REMAT_POLICIES:
       bad("remat", f"{self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-    if self.attention not in ("auto", "xla", "cudnn", "manual"):
+    if self.attention not in ("auto", "xla", "cudnn", "manual"):  # xla and manual: `explicit_attention`.
       bad("attention", f"{self.attention!r} is not one of auto, xla, cudnn, manual")
     try:
       jnp.dtype(self.dtype)
@@ -243,18 +243,18 @@ class Attention(nn.Module):
     v_BxSxKxH = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads",
                                "activation_head_dim"))
     use_dropout = self.sites.attn_dropout and not self.deterministic
+    rng = self.make_rng("dropout") if use_dropout else None
     if cache is not None:
       at = (0, 0, cache_index, 0)
       put = lambda buf, new_BxLxKxH: jax.lax.dynamic_update_slice(buf, jnp.swapaxes(new_BxLxKxH, 1, 2).astype(
           buf.dtype), at)
       cache = {"k": put(cache["k"], k_BxSxKxH), "v": put(cache["v"], v_BxSxKxH)}
-      rng = self.make_rng("dropout") if use_dropout else None
-      out_BxLxNxH = self._cached(q_BxLxNxH, cache["k"], cache["v"], mask_BxLxS, attn_rate, rng)
-    elif use_dropout or cfg.attention == "manual":
-      rng = self.make_rng("dropout") if use_dropout else None
-      out_BxLxNxH = self._manual(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, attn_rate, rng)
+      out_BxLxNxH = explicit_attention(q_BxLxNxH, cache["k"], cache["v"], mask_BxLxS, attn_rate, rng)
+    elif use_dropout or cfg.attention in ("xla", "manual"):
+      out_BxLxNxH = explicit_attention(q_BxLxNxH, jnp.swapaxes(k_BxSxKxH, 1, 2), jnp.swapaxes(v_BxSxKxH, 1, 2),
+                                       mask_BxLxS, attn_rate, rng)
     else:
-      impl = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[cfg.attention]
+      impl = {"auto": None, "cudnn": "cudnn"}[cfg.attention]
       out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxLxS[:, None],
                                                  implementation=impl)
     out_BxLxNxH = _constrain(out_BxLxNxH, ("activation_batch", "activation_length", "activation_heads",
@@ -264,32 +264,27 @@ class Attention(nn.Module):
                        name="o")(out_BxLxNxH)
     return out_BxLxD if cache is None else (out_BxLxD, cache)
 
-  def _cached(self, q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, rate, rng):
-    """Attention over a head-major KV cache: batch dims (b, k) lead, so no operand is transposed."""
-    return explicit_attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, rate, rng, kv_layout="bksh")
 
-  def _manual(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, rate, rng):
-    """Explicit softmax attention: the path that can drop attention probabilities."""
-    return explicit_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxLxS, rate, rng, kv_layout="bskh")
+def explicit_attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, rate, rng):
+  """Softmax attention written out as two batched matmuls over head-major operands; GQA by grouping query heads.
 
-
-def explicit_attention(q_BxLxNxH, k, v, mask_BxLxS, rate, rng, kv_layout: str):
-  """Softmax attention written out (so probabilities can be dropped), GQA by grouping query heads.
-
-  `kv_layout` names k/v's axes: 'bskh' (sequence-major, training) or 'bksh' (head-major, the KV cache).
+  Queries are moved to [B, K, G*L, H] so that both matmuls have their batch dims (b, k) leading and the kv heads
+  are never repeated: on XLA:CPU this is faster than `jax.nn.dot_product_attention`'s vmapped [B, L, N, H] form
+  (its backward transposes every operand), and it is the one path that can drop attention probabilities.
   """
   b, l, n, h = q_BxLxNxH.shape
-  kv = k.shape[kv_layout.index("k")]
-  q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, kv, n // kv, h)
-  logits_BxKxGxLxS = jnp.einsum(f"blkgh,{kv_layout}->bkgls", q_BxLxKxGxH, k,
-                                preferred_element_type=jnp.float32) / np.sqrt(h).astype(np.float32)
+  kv, s = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+  g = n // kv
+  q_BxKxMxH = jnp.swapaxes(q_BxLxNxH, 1, 2).reshape(b, kv, g * l, h)  # M = G * L, query heads of a group first.
+  logits_BxKxMxS = jnp.einsum("bkmh,bksh->bkms", q_BxKxMxH, k_BxKxSxH, preferred_element_type=jnp.float32)
+  logits_BxKxGxLxS = logits_BxKxMxS.reshape(b, kv, g, l, s) / np.sqrt(h).astype(np.float32)
   big_neg = jnp.finfo(jnp.float32).min * 0.7
   logits_BxKxGxLxS = jnp.where(mask_BxLxS[:, None, None], logits_BxKxGxLxS, big_neg)
   probs = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
   if rng is not None:
     probs = dropout(probs, rate, rng)
-  out = jnp.einsum(f"bkgls,{kv_layout}->blkgh", probs.astype(v.dtype), v)
-  return out.reshape(b, l, n, h)
+  out_BxKxMxH = jnp.einsum("bkms,bksh->bkmh", probs.astype(v_BxKxSxH.dtype).reshape(b, kv, g * l, s), v_BxKxSxH)
+  return jnp.swapaxes(out_BxKxMxH.reshape(b, n, l, h), 1, 2)
 
 
 class Mlp(nn.Module):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmstages.losses import first_argmax
 from llmstages.model import Decoder, ModelConfig, RegSites, init_cache, zero_rates
 
 
@@ -50,22 +51,15 @@ class Samples:
     return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
 
 
-def first_argmax(x_BxV: jax.Array) -> jax.Array:
-  """argmax over the last axis (first index on ties) as two plain reductions: XLA:CPU's variadic-reduce argmax
-  is several times slower on a [B, V] row than a max and a min."""
-  v = x_BxV.shape[-1]
-  is_max = x_BxV == jnp.max(x_BxV, axis=-1, keepdims=True)
-  return jnp.min(jnp.where(is_max, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
-
-
 def _choose(logits_BxV, key, temperature, top_k, top_p, filtering: bool):
   """(token, log-prob) per row; see the module docstring for which log-prob."""
   logits = logits_BxV.astype(jnp.float32)
-  logp_t1 = jax.nn.log_softmax(logits, axis=-1)
 
   def greedy(_):
     token_B = first_argmax(logits)
-    return token_B, jnp.take_along_axis(logp_t1, token_B[:, None], axis=-1)[:, 0]
+    # log_softmax at the chosen token only (as losses.token_logprobs does), not over the whole [B, V] row.
+    chosen_B = jnp.take_along_axis(logits, token_B[:, None], axis=-1)[:, 0]
+    return token_B, chosen_B - jax.nn.logsumexp(logits, axis=-1)
 
   def sample(_):
     return _sample(logits, key, temperature, top_k, top_p, filtering)

@@ -365,6 +365,28 @@ def generate_no_cache(model: TorchDecoder, prompt_BxP: torch.Tensor, max_new_tok
   return out_BxS
 
 
+def hf_llama(cfg: "ModelConfig", seed: int = 0):
+  """A random-init transformers `LlamaForCausalLM` of `cfg`'s size (SDPA attention, float32, eval mode): the
+  transformers-style KV cache the bench compares our decoding with. Nothing is downloaded."""
+  import transformers  # Optional heavy dependency, only the bench needs it.
+  torch.manual_seed(seed)
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=_head_dim(cfg), max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+      bos_token_id=None, eos_token_id=None, pad_token_id=0)
+  return transformers.LlamaForCausalLM._from_config(hf_cfg, attn_implementation="sdpa").eval()
+
+
+@torch.inference_mode()
+def hf_generate(model, prompt_BxP: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+  """Greedy `generate` with transformers' own (dynamic) KV cache, exactly `max_new_tokens` new tokens per row."""
+  mask_BxP = torch.ones_like(prompt_BxP)
+  return model.generate(prompt_BxP, attention_mask=mask_BxP, max_new_tokens=max_new_tokens,
+                        min_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Timings for `llmstages.bench`.
 

@@ -1,4 +1,4 @@
-"""Model identities: scan == unrolled, manual == fused attention, packing isolation, RoPE relativity, GQA."""
+"""Model identities: scan == unrolled, explicit == jax.nn attention, packing isolation, RoPE relativity, GQA."""
 
 import dataclasses
 
@@ -41,12 +41,12 @@ def test_scan_equals_unrolled():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_manual_attention_equals_fused():
-  cfg = tiny()
+def test_explicit_attention_equals_jax_dot_product_attention():
+  cfg = tiny()  # GQA (4 query heads, 2 kv heads) on packed rows.
   params = init_params(cfg)
   batch = packed_batch()
   a = _apply(cfg, params, batch)
-  b = _apply(dataclasses.replace(cfg, attention="manual"), params, batch)
+  b = _apply(dataclasses.replace(cfg, attention="auto"), params, batch)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
