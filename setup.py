@@ -26,11 +26,18 @@ setuptools.setup(
         "optuna>=4.0",
         # The Pareto and stage-trajectory plots of `python -m llmstages.compare` (Agg backend, no display needed).
         "matplotlib>=3.8",
+        # Hugging Face checkpoints (llmstages.hf): safetensors reads/writes weights tensor by tensor; tokenizers
+        # runs an imported model's tokenizer.json. Export writes config.json itself, so transformers is test-only.
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",  # An imported tokenizer's chat template.
     ],
     extras_require={
         # psycopg: tests/test_sweep.py runs a sweep against a PostgreSQL server it starts (SQLAlchemy's default
         # driver for postgresql:// URLs is psycopg 3).
-        "test": ["pytest>=8", "torch", "nltk", "psycopg[binary]>=3.1"],
+        "test": ["pytest>=8", "torch", "nltk", "psycopg[binary]>=3.1",
+                 # tests/test_hf.py, tests/test_lora.py: parity with transformers' Llama and peft's LoRA.
+                 "transformers>=4.45", "peft>=0.13"],
         # A sweep whose workers on several machines share one PostgreSQL study: --storage=postgresql://...
         "postgres": ["psycopg[binary]>=3.1"],
         # The PyTorch reference model used only by `python -m llmstages.bench`.
