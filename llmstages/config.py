@@ -178,6 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # '' -> $LLMSTAGES_DATA_DIR or ~/.cache/llmstages/data.
   c.data.tokenizer_sources = ""  # '' -> the union of every stage's `data`.
+  c.data.tokenizer = ""  # A Hugging Face model directory whose tokenizer every stage uses ('' -> ours, trained).
   c.stages = ("pretrain",)
   c.eval = eval_config()
   c.progress = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log.

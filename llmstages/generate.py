@@ -28,15 +28,8 @@ flags.mark_flags_as_required(["workdir", "stage", "prompt"])
 
 
 def load_config(workdir: str):
-  """The resolved config a pipeline wrote to `workdir/config.json`, as a locked ConfigDict."""
-  import ml_collections
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a directory a pipeline ran in")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.lock()
-  return config
+  from llmstages import pipeline
+  return pipeline.load_config(workdir)
 
 
 def generate(workdir: str, stage: str, prompts: list[str], **kw) -> list[dict]:

@@ -403,8 +403,15 @@ def data_dir(config) -> str:
 
 
 def tokenizer_for(config):
-  """The one tokenizer of a pipeline: trained on every stage's sources (or `data.tokenizer_sources`)."""
+  """The one tokenizer of a pipeline: an imported model's (`data.tokenizer`, a Hugging Face directory), or ours
+  trained on every stage's sources (or `data.tokenizer_sources`)."""
   from llmstages import data
+  if config.data.get("tokenizer"):
+    tok = data.HFTokenizer(config.data.tokenizer)
+    if tok.vocab_size > config.model.vocab_size:
+      raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} has {tok.vocab_size} tokens but "
+                       f"config.model.vocab_size={config.model.vocab_size}")
+    return tok
   if config.data.tokenizer_sources:
     sources = [s for s, _ in data.parse_mixture(config.data.tokenizer_sources)]
   else:

@@ -21,7 +21,7 @@ TOKENS = np.random.default_rng(0).integers(0, 256, (2, 12)).astype(np.int64)
 
 def make_hf_model(path, tie=False, kv=2, head_dim=None, seed=0, dtype=torch.float32, **kw):
   torch.manual_seed(seed)
-  cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+  cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=kv, head_dim=head_dim,
                                  tie_word_embeddings=tie, rope_theta=5e4, rms_norm_eps=1e-6,
                                  max_position_embeddings=128, **kw)
@@ -150,9 +150,9 @@ def test_missing_shard_wrong_shape_and_dtype(tmp_path, llama_dir):
     hf.save(mc, params, str(tmp_path / "sharded"))
   finally:
     hf.SHARD_BYTES = old
-  os.remove(tmp_path / "sharded" / "model-00002-of-00004.safetensors")
-  with pytest.raises(hf.HFFormatError, match=r"index.json lists shard 'model-00002-of-00004.safetensors'.*does not "
-                                             r"exist"):
+  shard = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))[1]
+  os.remove(tmp_path / "sharded" / shard)
+  with pytest.raises(hf.HFFormatError, match=rf"index.json lists shard '{shard}'.*does not exist"):
     hf.load(str(tmp_path / "sharded"))
 
   from safetensors.numpy import load_file, save_file
@@ -182,3 +182,78 @@ def test_missing_shard_wrong_shape_and_dtype(tmp_path, llama_dir):
   save_file(bad, str(tmp_path / "shape" / "model.safetensors"))
   with pytest.raises(hf.HFFormatError, match=r"no place in a Llama decoder.*q_proj.bias"):
     hf.load(str(tmp_path / "shape"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer and CLI.
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def add_tokenizer(path, vocab=300):
+  """A byte-level BPE tokenizer.json (trained here on a few sentences) with a chat template."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(["hello world, the cat sat on the mat"] * 50, trainer)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE,
+               "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+  return tok
+
+
+def test_hf_tokenizer_matches_transformers(tmp_path):
+  from llmstages.data import HFTokenizer
+  add_tokenizer(str(tmp_path))
+  ours = HFTokenizer(str(tmp_path))
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  text = "hello world, the dog sat on a mat 123"
+  assert ours.encode(text) == ref.encode(text, add_special_tokens=False)
+  assert ours.decode(ours.encode(text)) == text
+  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (ref.bos_token_id, ref.eos_token_id, ref.eos_token_id)
+  messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+  for gen in (False, True):
+    assert ours.apply_chat_template(messages, add_generation_prompt=gen) == \
+        ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+  import pickle
+  assert pickle.loads(pickle.dumps(ours)).encode(text) == ours.encode(text)
+
+
+def test_cli_import_generate_export(tmp_path, llama_dir):
+  from llmstages import generate, train
+  from llmstages.hf import commands as cli
+  src = str(tmp_path / "src")
+  shutil.copytree(llama_dir[0], src)
+  tok = add_tokenizer(src)
+  model = llama_dir[1]
+  work = str(tmp_path / "work")
+  cli.import_model(src, work, "base", scan_layers=True)
+  assert train.stage_finished(work, "base")
+  # generate --stage=base: greedy continuation equals transformers' greedy generate.
+  prompt = "hello world"
+  out = generate.generate(work, "base", [prompt], max_new_tokens=6, temperature=0.0)
+  ids = [1] + tok.encode(prompt).ids
+  with torch.no_grad():
+    ref = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(ids):]
+  from llmstages.data import HFTokenizer
+  assert out[0]["samples"][0] == HFTokenizer(src).decode(ref.tolist())
+  cli.export_model(work, "base", str(tmp_path / "out"))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  np.testing.assert_allclose(hf_logits(reloaded), hf_logits(model), atol=1e-4, rtol=0)
+  assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).encode("the cat") == \
+      transformers.AutoTokenizer.from_pretrained(src).encode("the cat")
+
+
+def test_imported_stage_that_was_never_imported_says_how(tmp_path, llama_dir):
+  from llmstages import train
+  from llmstages.hf import commands as cli
+  config = cli.import_config(llama_dir[0])
+  with pytest.raises(RuntimeError, match=r"config.base is imported, not trained: run `python -m llmstages.hf "
+                                         r"import --hf_dir=.*--stage=base` first"):
+    train.run_stage(config, "base", str(tmp_path), tokenizer=object())
