@@ -8,8 +8,6 @@ Prints each sample; with --vote also the majority answer (normalized, as exact m
 
 from __future__ import annotations
 
-import json
-import os
 
 from absl import app, flags
 
