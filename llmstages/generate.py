@@ -8,7 +8,6 @@ Prints each sample; with --vote also the majority answer (normalized, as exact m
 
 from __future__ import annotations
 
-
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's workdir (holds config.json and the stages).")
