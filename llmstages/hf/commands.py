@@ -46,17 +46,27 @@ def import_model(hf_dir: str, workdir: str, stage: str = "base", mesh=None, **mo
         flush=True)
 
 
-def export_model(workdir: str, stage: str, out: str, peft: bool = False, dtype: str = "float32") -> None:
+def export_model(workdir: str, stage: str, out: str, peft: bool = False, dtype: str = "float32", mesh=None) -> None:
   """Writes stage `stage` of `workdir` as a Hugging Face directory (LoRA merged), or its PEFT adapter."""
   config = pipeline.load_config(workdir)
   if stage not in config:
     raise ValueError(f"--stage={stage!r}: {workdir}/config.json has no config.{stage} block")
-  ctx = train.build_context(config, stage)
+  ctx = train.build_context(config, stage, mesh)
   tokenizer = train.tokenizer_for(config)
   if peft:
-    from llmstages import lora
-    lora.export_peft(workdir, stage, ctx, out)
+    export_peft(workdir, stage, ctx, out)
   else:
     params = train.load_final_params(workdir, stage, ctx.abstract_lm_params(), needed_by=f"hf export --stage={stage}")
     hf.save(ctx.model_cfg, params, out, tokenizer=tokenizer, dtype=dtype)
   print(f"exported stage {stage!r} of {workdir} to {out}{' (PEFT adapter)' if peft else ''}", flush=True)
+
+
+def export_peft(workdir: str, stage: str, ctx, out: str) -> None:
+  """The LoRA adapters of `stage` as a PEFT adapter directory over the model of its init_from stage."""
+  if not ctx.lora:
+    raise ValueError(f"--peft: stage {stage!r} did not train LoRA adapters (config.{stage}.lora.rank is 0)")
+  adapters, meta = train.load_final_lora(workdir, stage, ctx.abstract_state.params)
+  base = ctx.scfg.init_from
+  base_model = ctx.config[base].get("hf_dir", "") if base and base in ctx.config else ""
+  hf.save_peft(ctx.model_cfg, adapters, meta["rank"], meta["alpha"], out, base_model=base_model or base,
+               dropout=meta["dropout"])
