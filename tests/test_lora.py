@@ -146,3 +146,38 @@ def test_lora_finetune_trains_adapters_only_and_exports(tmp_path, llama):
   peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(src),
                                               str(tmp_path / "peft")).eval()
   np.testing.assert_allclose(hf_logits(peft_model), ours, atol=1e-4, rtol=0)
+
+
+def test_memory_rows_count_what_lora_trains():
+  rows = {(r["model"], r["mode"]): r for r in commands.memory_rows(rank=16)}
+  for name, m in commands.MEMORY_MODELS.items():
+    d, f, y = m["d_model"], m["mlp_dim"], m["num_layers"]
+    h = m.get("head_dim") or d // m["num_heads"]
+    q, kv = m["num_heads"] * h, m["num_kv_heads"] * h
+    per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)  # r * (in + out) per projection.
+    full, lo = rows[(name, "full")], rows[(name, "LoRA r=16")]
+    assert lo["trainable"] == 16 * y * per_layer
+    assert full["trainable"] == full["parameters"] == lo["parameters"]
+    for r in (full, lo):  # AdamW: two float32 moments per trained parameter (plus a step count).
+      assert 0 <= r["optimizer_bytes"] - 8 * r["trainable"] < 64
+  assert rows[("SmolLM-135M", "full")]["parameters"] == 134_515_008  # The published SmolLM-135M count.
+
+
+def test_lora_state_is_sharded_beside_its_kernels():
+  from tests.helpers import tiny_config
+  c = ml_collections.ConfigDict(tiny_config().to_dict())
+  c.model.scan_layers = True
+  c.pretrain.lora.update(dict(rank=4))
+  c.mesh.update(dict(data=1, fsdp=2, tensor=2))
+  ctx = train.build_context(config_lib.finalize(c), "pretrain",
+                            mesh=jax.make_mesh((1, 2, 2), ("data", "fsdp", "tensor"), devices=jax.devices()[:4],
+                                               axis_types=(jax.sharding.AxisType.Auto,) * 3))
+  spec = lambda x: tuple(x.spec)
+  up = ctx.state_sharding.params["layers"]["block"]["mlp"]["up"]["kernel"]
+  assert spec(ctx.state_sharding.base["layers"]["block"]["mlp"]["up"]["kernel"]) == (None, "fsdp", "tensor")
+  assert (spec(up["a"]), spec(up["b"])) == ((None, "fsdp", None), (None, None, "tensor"))
+  mu = ctx.state_sharding.opt_state[1].mu["layers"]["block"]["mlp"]["up"]["kernel"]
+  assert spec(mu["a"]) == spec(up["a"])
+  state = ctx.init_state()
+  assert state.params["layers"]["block"]["mlp"]["up"]["kernel"]["a"].shape == (3, 32, 4)
+  assert not jnp.any(state.params["layers"]["block"]["mlp"]["up"]["kernel"]["b"])

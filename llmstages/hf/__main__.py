@@ -40,8 +40,7 @@ def main(argv):
       raise app.UsageError("export needs --workdir, --stage and --out")
     commands.export_model(_WORKDIR.value, _STAGE.value, _OUT.value, _PEFT.value, _DTYPE.value)
   else:
-    from llmstages import lora
-    print(lora.memory_table())
+    print(commands.memory_table())
 
 
 if __name__ == "__main__":

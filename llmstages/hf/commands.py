@@ -70,3 +70,50 @@ def export_peft(workdir: str, stage: str, ctx, out: str) -> None:
   base_model = ctx.config[base].get("hf_dir", "") if base and base in ctx.config else ""
   hf.save_peft(ctx.model_cfg, adapters, meta["rank"], meta["alpha"], out, base_model=base_model or base,
                dropout=meta["dropout"])
+
+
+# SmolLM-135M and Llama-3.2-1B shapes (their config.json values), for the memory table: nothing is downloaded.
+MEMORY_MODELS = {
+    "SmolLM-135M": dict(vocab_size=49152, d_model=576, num_layers=30, num_heads=9, num_kv_heads=3, mlp_dim=1536,
+                        tie_embeddings=True, max_seq_len=2048),
+    "Llama-3.2-1B": dict(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                         mlp_dim=8192, tie_embeddings=True, max_seq_len=2048),
+}
+
+
+def memory_rows(rank: int = 16, optimizer: str = "adamw") -> list[dict]:
+  """Parameter, gradient and optimizer memory (float32, whole model, before sharding) of full fine-tuning and of
+  LoRA on every projection, from the abstract train state `build_context` makes (jax.eval_shape: no weights)."""
+  rows = []
+  for name, shape in MEMORY_MODELS.items():
+    for lora_rank in (0, rank):
+      c = config_lib.base_config()
+      c.model.update(dict(shape, scan_layers=True))
+      c.stages = ("tune",)
+      c.tune = config_lib.stage_config("tune", kind="sft", batch_size=1, seq_len=128, optimizer=optimizer)
+      c.tune.lora.rank = lora_rank
+      c.mesh.fsdp = 1
+      mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
+                           axis_types=(jax.sharding.AxisType.Auto,) * 3)
+      ctx = train.build_context(config_lib.finalize(c), "tune", mesh)
+      size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+      count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+      st = ctx.abstract_state
+      rows.append({"model": name, "mode": f"LoRA r={lora_rank}" if lora_rank else "full",
+                   "parameters": count(ctx.abstract_params), "trainable": count(st.params),
+                   "params_bytes": size(ctx.abstract_params) + (size(st.params) if lora_rank else 0),
+                   "grads_bytes": size(st.params), "optimizer_bytes": size(st.opt_state)})
+  return rows
+
+
+def memory_table(rank: int = 16) -> str:
+  gib = lambda b: f"{b / 2**30:.3f}"
+  lines = [f"Training memory, float32, whole model before sharding (AdamW: two moments per trained parameter). LoRA "
+           f"r={rank} on q k v o gate up down; activations not included.",
+           "| model | mode | parameters | trainable | params GiB | grads GiB | optimizer GiB | total GiB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in memory_rows(rank):
+    total = r["params_bytes"] + r["grads_bytes"] + r["optimizer_bytes"]
+    lines.append(f"| {r['model']} | {r['mode']} | {r['parameters']:,} | {r['trainable']:,} | "
+                 f"{gib(r['params_bytes'])} | {gib(r['grads_bytes'])} | {gib(r['optimizer_bytes'])} | {gib(total)} |")
+  return "\n".join(lines)
