@@ -24,7 +24,7 @@ def make_hf_model(path, tie=False, kv=2, head_dim=None, seed=0, dtype=torch.floa
   cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=kv, head_dim=head_dim,
                                  tie_word_embeddings=tie, rope_theta=5e4, rms_norm_eps=1e-6,
-                                 max_position_embeddings=128, **kw)
+                                 max_position_embeddings=256, **kw)
   model = transformers.LlamaForCausalLM(cfg).eval()
   with torch.no_grad():  # Norm scales start at 1; randomize them so a mixed-up norm cannot pass.
     for name, p in model.named_parameters():
@@ -257,3 +257,24 @@ def test_imported_stage_that_was_never_imported_says_how(tmp_path, llama_dir):
   with pytest.raises(RuntimeError, match=r"config.base is imported, not trained: run `python -m llmstages.hf "
                                          r"import --hf_dir=.*--stage=base` first"):
     train.run_stage(config, "base", str(tmp_path), tokenizer=object())
+
+
+def test_finetune_config_builds_every_stage_from_the_imported_model(tmp_path, llama_dir):
+  from llmstages import train
+  from tests.helpers import load_config, one_device_mesh
+  src = str(tmp_path / "src")
+  shutil.copytree(llama_dir[0], src)
+  add_tokenizer(src)
+  with pytest.raises(ValueError, match="needs hf_dir=DIR"):
+    load_config("finetune.py", "smoke")
+  for arg in (f"hf_dir={src},smoke", f"hf_dir={src},smoke,lora"):
+    c = load_config("finetune.py", arg)
+    assert c.stages == ("base", "sft", "instruct", "dpo", "grpo") and c.data.tokenizer == src
+    assert [c[s].init_from for s in c.stages] == ["", "base", "sft", "instruct", "dpo"]
+    mc = hf.config_from_hf(src)
+    assert (c.model.d_model, c.model.num_kv_heads, c.model.rope_theta) == (mc.d_model, 2, 5e4)
+    assert train.tokenizer_for(c).vocab_size == transformers.AutoTokenizer.from_pretrained(src).vocab_size
+    for name in c.stages:
+      ctx = train.build_context(c, name, mesh=one_device_mesh())
+      assert bool(ctx.lora) == ("lora" in arg and name != "base")
+      assert "world_facts" in c[name].evals
