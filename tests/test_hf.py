@@ -191,19 +191,23 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def add_tokenizer(path, vocab=300):
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def add_tokenizer(path, vocab=300, template=CHAT_TEMPLATE):
   """A byte-level BPE tokenizer.json (trained here on a few sentences) with a chat template."""
   import tokenizers
   from tokenizers import decoders, models, pre_tokenizers, trainers
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+  trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(["hello world, the cat sat on the mat"] * 50, trainer)
   tok.save(os.path.join(path, "tokenizer.json"))
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE,
+    json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": template,
                "tokenizer_class": "PreTrainedTokenizerFast"}, f)
   return tok
 
@@ -223,6 +227,35 @@ def test_hf_tokenizer_matches_transformers(tmp_path):
         ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
   import pickle
   assert pickle.loads(pickle.dumps(ours)).encode(text) == ours.encode(text)
+
+
+def test_chat_data_is_rendered_in_the_models_template(tmp_path):
+  from llmstages.data import HFTokenizer, chat, tokenize_document
+  add_tokenizer(str(tmp_path), template=CHATML)
+  ours = HFTokenizer(str(tmp_path))
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"},
+          {"role": "assistant", "content": "the cat"}, {"role": "user", "content": "the mat"},
+          {"role": "assistant", "content": "sat on"}]
+  ref_ids = lambda m, gen=False: ref.encode(ref.apply_chat_template(m, tokenize=False, add_generation_prompt=gen),
+                                            add_special_tokens=False)
+  # An eval / RL prompt in our template is encoded as the model's template renders it.
+  assert ours.encode(chat.format_chat(msgs[:4], add_generation_prompt=True)) == ref_ids(msgs[:4], True)
+  # A training chat: same tokens as the model's rendering; loss exactly on assistant turns and their closing text.
+  ids, flags = tokenize_document(ours, chat.chat_segments(chat.format_chat(msgs)))
+  assert ids.tolist() == [ours.bos_id] + ref_ids(msgs) + [ours.eos_id]
+  full = ref_ids(msgs)
+  expect = np.zeros(len(full), bool)
+  for i in (3, 5):  # Tokens added by assistant turn i: rendered(msgs[:i]) -> rendered(msgs[:i] + gen) -> ...
+    lo, hi = len(ref_ids(msgs[:i - 1], True)), len(ref_ids(msgs[:i]))
+    expect[lo:hi] = True
+  assert flags[1:-1].tolist() == expect.tolist()
+  assert ours.decode(ids[1:-1][flags[1:-1]]) == "the cat<|im_end|>\nsat on<|im_end|>\n"
+  # A preference pair: only the final (chosen) answer carries loss.
+  prompt = chat.format_chat(msgs[:4], add_generation_prompt=True)
+  ids, flags = tokenize_document(ours, [(prompt, False), (" sat on" + chat.END, True)])
+  assert ids.tolist() == [ours.bos_id] + full + [ours.eos_id]
+  assert ours.decode(ids[flags]) == "sat on<|im_end|>\n"
 
 
 def test_cli_import_generate_export(tmp_path, llama_dir):

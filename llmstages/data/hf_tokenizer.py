@@ -1,7 +1,10 @@
 """A Hugging Face model directory's tokenizer behind the same interface as our SentencePiece `Tokenizer`.
 
 `tokenizer.json` runs through the `tokenizers` library; a directory with only `tokenizer.model` runs through
-SentencePiece. Special tokens come from tokenizer_config.json / special_tokens_map.json (falling back to
+SentencePiece. Chat data and prompts come in our template (`chat.format_chat`); when the model has a chat template,
+they are re-rendered with it: `encode` renders a chat text (an eval or RL prompt ending in `<|assistant|>`), and
+`render_chat_document` renders a training document, keeping loss on the assistant turns that had it (the template's
+end-of-turn text included, so the model learns to stop). Special tokens come from tokenizer_config.json / special_tokens_map.json (falling back to
 config.json's ids); a model without a pad token pads with EOS (padding never carries loss or attention). The chat
 template (tokenizer_config.json's `chat_template`, or chat_template.jinja) renders with Jinja2, as transformers
 does. Nothing here needs transformers.
@@ -17,6 +20,8 @@ import jinja2
 import jinja2.sandbox
 import sentencepiece as spm
 import tokenizers
+
+from llmstages.data import chat
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "added_tokens.json")
@@ -80,12 +85,20 @@ class HFTokenizer:
         return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; no BOS/EOS added."""
+        """Token ids of `text`; no BOS/EOS added. Chat text in our template is rendered with the model's."""
+        if self.chat_template and chat.is_chat_text(text):
+            messages, _, generation = chat.parse_chat(text)
+            text = self._strip_bos(self.apply_chat_template(messages, add_generation_prompt=generation))
+        return self._encode(text)
+
+    def _encode(self, text: str) -> list[int]:
         if self._tok is not None:
             return self._tok.encode(text, add_special_tokens=False).ids
         return self._sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.chat_template:
+            return [self.encode(t) for t in texts]
         if self._tok is not None:
             return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
         return self._sp.encode(texts)
@@ -123,6 +136,44 @@ class HFTokenizer:
         special = {f"{r}_token": self.id_to_piece(getattr(self, f"{r}_id")) for r in ("bos", "eos", "pad")}
         return env.from_string(self.chat_template).render(messages=messages,
                                                           add_generation_prompt=add_generation_prompt, **special)
+
+    def _strip_bos(self, text: str) -> str:
+        """Templates often start with the BOS text; our data adds the BOS id itself."""
+        bos = self.id_to_piece(self.bos_id)
+        return text[len(bos):] if bos and text.startswith(bos) else text
+
+    def render_chat_document(self, document):
+        """A training document [(text, has_loss)] in our chat template -> the same conversation in the model's,
+        as segments; an assistant turn keeps loss (its content and the template's text closing it) iff it had."""
+        if not self.chat_template:
+            return document
+        text = "".join(t for t, _ in document)
+        if not chat.is_chat_text(text):
+            return document
+        messages, spans, generation = chat.parse_chat(text)
+        loss_chars, pos = set(), 0
+        for piece, has_loss in document:
+            if has_loss:
+                loss_chars.update(range(pos, pos + len(piece)))
+            pos += len(piece)
+        out, done = [], ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.apply_chat_template(messages[:i], add_generation_prompt=True)
+            after = self.apply_chat_template(messages[:i + 1])
+            if not (before.startswith(done) and after.startswith(before)):
+                raise ValueError(f"{self.path}: the chat template does not render conversations prefix by prefix, "
+                                 f"so assistant turns cannot be marked for loss")
+            start, end = spans[i]
+            has_loss = any(c in loss_chars for c in range(start, end)) or (start == end and start in loss_chars)
+            out += [(before[len(done):], False), (after[len(before):], has_loss)]
+            done = after
+        out.append((self.apply_chat_template(messages, add_generation_prompt=generation)[len(done):], False))
+        out = [(t, f) for t, f in out if t]
+        if out:
+            out[0] = (self._strip_bos(out[0][0]), out[0][1])
+        return [(t, f) for t, f in out if t]
 
     def save_pretrained(self, out_dir: str) -> None:
         """Copies the tokenizer's files into `out_dir` (hf export)."""
