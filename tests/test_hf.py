@@ -23,8 +23,8 @@ def make_hf_model(path, tie=False, kv=2, head_dim=None, seed=0, dtype=torch.floa
   torch.manual_seed(seed)
   cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=kv, head_dim=head_dim,
-                                 tie_word_embeddings=tie, rope_theta=5e4, rms_norm_eps=1e-6,
-                                 max_position_embeddings=256, **kw)
+                                 tie_word_embeddings=tie, rms_norm_eps=1e-6,
+                                 max_position_embeddings=256, **{"rope_theta": 5e4, **kw})
   model = transformers.LlamaForCausalLM(cfg).eval()
   with torch.no_grad():  # Norm scales start at 1; randomize them so a mixed-up norm cannot pass.
     for name, p in model.named_parameters():
@@ -135,11 +135,25 @@ def test_unsupported_architectures(tmp_path):
   np.testing.assert_allclose(our_logits(mc, params, TOKENS % 64), hf_logits(ref, TOKENS % 64), atol=1e-4, rtol=0)
 
 
-def test_llama3_rope_scaling_is_a_clear_error(tmp_path, llama_dir):
-  shutil.copytree(llama_dir[0], tmp_path / "m")
-  _edit_config(str(tmp_path / "m"), rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0})
-  with pytest.raises(hf.HFFormatError, match=r"config.json: rope scaling 'llama3' is not supported"):
-    hf.load(str(tmp_path / "m"))
+def test_llama3_rope_scaling_matches_transformers(tmp_path, llama_dir):
+  # A short original context, so the scaling changes every band of frequencies at these 64 positions.
+  rope = {"rope_type": "llama3", "rope_theta": 5e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+  model = make_hf_model(str(tmp_path / "m"), rope_parameters=rope)
+  tokens = np.random.default_rng(1).integers(0, 256, (1, 64))
+  mc, params = hf.load(str(tmp_path / "m"))
+  assert mc.rope_scaling_factor == 8.0 and mc.rope_original_max_len == 16
+  ours = our_logits(mc, params, tokens)
+  np.testing.assert_allclose(ours, hf_logits(model, tokens), atol=1e-4, rtol=0)
+  import dataclasses
+  assert np.abs(our_logits(dataclasses.replace(mc, rope_scaling_factor=0.0), params, tokens) - ours).max() > 1e-3
+  hf.save(mc, params, str(tmp_path / "out"))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  np.testing.assert_allclose(hf_logits(reloaded, tokens), ours, atol=1e-4, rtol=0)
+  shutil.copytree(llama_dir[0], tmp_path / "yarn")
+  _edit_config(str(tmp_path / "yarn"), rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0})
+  with pytest.raises(hf.HFFormatError, match=r"yarn/config.json: rope scaling 'yarn' is not supported"):
+    hf.load(str(tmp_path / "yarn"))
 
 
 def test_missing_shard_wrong_shape_and_dtype(tmp_path, llama_dir):

@@ -67,11 +67,17 @@ def _check_supported(hf: dict, where: str) -> None:
   for key in ("attention_bias", "mlp_bias"):
     if hf.get(key):
       bad(f"{key}=true: biases on projections are not supported")
-  scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-  kind = scaling.get("rope_type", scaling.get("type", "default"))
-  if kind not in ("default", None):
-    bad(f"rope scaling {kind!r} is not supported (only plain RoPE with rope_theta); llama3-style frequency "
-        f"scaling needs a model change")
+  kind = _rope_scaling(hf).get("rope_type", "default")
+  if kind not in ("default", "llama3"):
+    bad(f"rope scaling {kind!r} is not supported (plain RoPE and Llama 3.1's 'llama3' scaling are)")
+
+
+def _rope_scaling(hf: dict) -> dict:
+  """The RoPE scaling block: transformers 5's rope_parameters or 4's rope_scaling (whose 'type' was renamed)."""
+  scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  if "type" in scaling and "rope_type" not in scaling:
+    scaling["rope_type"] = scaling["type"]
+  return scaling
 
 
 def config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
@@ -90,6 +96,15 @@ def config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
                    max_seq_len=hf.get("max_position_embeddings", 2048),
                    tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf),
                    norm_eps=float(hf.get("rms_norm_eps", 1e-6)), init_std=float(hf.get("initializer_range", 0.02)))
+  scaling = _rope_scaling(hf)
+  if scaling.get("rope_type") == "llama3":
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if any(k not in scaling for k in keys):
+      raise HFFormatError(f"{path}: llama3 rope scaling lacks {[k for k in keys if k not in scaling]}")
+    mc = dataclasses.replace(mc, rope_scaling_factor=float(scaling["factor"]),
+                             rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                             rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                             rope_original_max_len=int(scaling["original_max_position_embeddings"]))
   mc = dataclasses.replace(mc, **overrides)
   mc.validate()
   return mc
@@ -98,12 +113,16 @@ def config_from_hf(hf_dir: str, **overrides) -> ModelConfig:
 def hf_config(mc: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
               pad_id: int | None = None, dtype: str = "float32") -> dict:
   """config.json of a LlamaForCausalLM equal to `mc` (written by hand, so export needs no transformers)."""
+  rope = {"rope_type": "default", "rope_theta": mc.rope_theta}
+  if mc.rope_scaling_factor:
+    rope.update(rope_type="llama3", factor=mc.rope_scaling_factor, low_freq_factor=mc.rope_low_freq_factor,
+                high_freq_factor=mc.rope_high_freq_factor, original_max_position_embeddings=mc.rope_original_max_len)
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": mc.vocab_size,
       "hidden_size": mc.d_model, "intermediate_size": mc.mlp_dim, "num_hidden_layers": mc.num_layers,
       "num_attention_heads": mc.num_heads, "num_key_value_heads": mc.num_kv_heads, "head_dim": mc.dim_per_head,
       "hidden_act": "silu", "max_position_embeddings": mc.max_seq_len, "rms_norm_eps": mc.norm_eps,
-      "rope_theta": mc.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": mc.rope_theta},
+      "rope_theta": mc.rope_theta, "rope_parameters": rope,
       "tie_word_embeddings": mc.tie_embeddings, "attention_bias": False, "mlp_bias": False,
       "attention_dropout": 0.0, "initializer_range": mc.init_std, "use_cache": True, "torch_dtype": dtype,
       "dtype": dtype, "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
