@@ -67,8 +67,8 @@ def build(hf_dir: str, opts: set[str], people: int | None = None):
   c.stages = ("base",) + STAGES
   c.eval.world = "world"
   bios = c.eval.bios
-  c.sft.data = (f"{bios}:0.35,{bios.replace('bios(', 'bios_qa(')}:0.35,{c.eval.stories.replace('stories(', 'stories_sft(')}"
-                f":0.15,arith_scratchpad:0.15")
+  stories_sft = c.eval.stories.replace("stories(", "stories_sft(")
+  c.sft.data = f"{bios}:0.35,{bios.replace('bios(', 'bios_qa(')}:0.35,{stories_sft}:0.15,arith_scratchpad:0.15"
   c.sft.init_from = "base"
   lora = "lora" in opts
   for name, lr in zip(STAGES, (5e-5, 3e-5, 1e-5, 1e-5)):

@@ -4,7 +4,6 @@ bit-identical, and the merged export reloads in transformers."""
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ peft = pytest.importorskip("peft")
 
 from llmstages import config as config_lib  # noqa: E402
 from llmstages import hf, lora, pipeline, train  # noqa: E402
+from llmstages.hf import adapters as adapters_lib  # noqa: E402
 from llmstages.hf import commands  # noqa: E402
 from tests.helpers import one_device_mesh, read_metrics  # noqa: E402
 from tests.test_hf import TOKENS, add_tokenizer, hf_logits, make_hf_model, our_logits  # noqa: E402
@@ -79,7 +79,7 @@ def test_peft_adapter_matches_peft_logits(tmp_path, llama):
     cfg = lcfg()
     ad = random_adapters(params, cfg, seed=3)
     out = str(tmp_path / f"peft{scan}")
-    hf.save_peft(mc, ad, cfg.rank, cfg.alpha, out, base_model=llama[0])
+    adapters_lib.save_peft(mc, ad, cfg.rank, cfg.alpha, out, base_model=llama[0])
     base = transformers.AutoModelForCausalLM.from_pretrained(llama[0])
     with torch.no_grad():
       plain = base(torch.tensor(TOKENS)).logits.numpy()

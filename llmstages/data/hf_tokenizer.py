@@ -1,13 +1,14 @@
 """A Hugging Face model directory's tokenizer behind the same interface as our SentencePiece `Tokenizer`.
 
 `tokenizer.json` runs through the `tokenizers` library; a directory with only `tokenizer.model` runs through
-SentencePiece. Chat data and prompts come in our template (`chat.format_chat`); when the model has a chat template,
-they are re-rendered with it: `encode` renders a chat text (an eval or RL prompt ending in `<|assistant|>`), and
-`render_chat_document` renders a training document, keeping loss on the assistant turns that had it (the template's
-end-of-turn text included, so the model learns to stop). Special tokens come from tokenizer_config.json / special_tokens_map.json (falling back to
-config.json's ids); a model without a pad token pads with EOS (padding never carries loss or attention). The chat
-template (tokenizer_config.json's `chat_template`, or chat_template.jinja) renders with Jinja2, as transformers
-does. Nothing here needs transformers.
+SentencePiece. Special tokens come from tokenizer_config.json / special_tokens_map.json (falling back to
+config.json's ids); a model without a pad token pads with EOS (padding never carries loss or attention).
+
+Chat data and prompts come in our template (`chat.format_chat`). When the model has a chat template
+(tokenizer_config.json's `chat_template`, or chat_template.jinja; rendered with Jinja2 as transformers does), they
+are re-rendered in it: `encode` renders a chat text (an eval or RL prompt ending in `<|assistant|>`), and
+`render_chat_document` a training document, keeping loss on the assistant turns that had it (the template's
+end-of-turn text included, so the model learns to stop). Nothing here needs transformers.
 """
 
 from __future__ import annotations

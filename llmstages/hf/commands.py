@@ -11,6 +11,7 @@ import jax
 
 from llmstages import config as config_lib
 from llmstages import hf, pipeline, train
+from llmstages.hf import adapters as adapters_lib
 from llmstages.data.hf_tokenizer import is_hf_tokenizer_dir
 
 COMMANDS = ("import", "export", "memory")
@@ -68,7 +69,7 @@ def export_peft(workdir: str, stage: str, ctx, out: str) -> None:
   adapters, meta = train.load_final_lora(workdir, stage, ctx.abstract_state.params)
   base = ctx.scfg.init_from
   base_model = ctx.config[base].get("hf_dir", "") if base and base in ctx.config else ""
-  hf.save_peft(ctx.model_cfg, adapters, meta["rank"], meta["alpha"], out, base_model=base_model or base,
+  adapters_lib.save_peft(ctx.model_cfg, adapters, meta["rank"], meta["alpha"], out, base_model=base_model or base,
                dropout=meta["dropout"])
 
 
