@@ -1,6 +1,7 @@
 """Hugging Face import/export: logits parity with transformers' own Llama in both directions, bad-input errors,
 the `python -m llmstages.hf` CLI round trip, and the HF tokenizer. Everything is built here; nothing downloads."""
 
+import functools
 import json
 import os
 import shutil
@@ -39,8 +40,13 @@ def hf_logits(model, tokens=TOKENS):
     return model(torch.tensor(tokens)).logits.float().numpy()
 
 
+@functools.lru_cache(maxsize=None)
+def _forward(mc):
+  return jax.jit(lambda params, tokens: Decoder(mc).apply({"params": params}, tokens))
+
+
 def our_logits(mc, params, tokens=TOKENS):
-  return np.asarray(Decoder(mc).apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
+  return np.asarray(_forward(mc)(params, jnp.asarray(tokens, jnp.int32)))
 
 
 @pytest.fixture(scope="module")

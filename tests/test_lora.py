@@ -31,10 +31,16 @@ def lcfg(rank=4, alpha=8.0, dropout=0.0, targets=ALL):
   return c
 
 
+def init_adapters(params, cfg, seed=0):
+  return jax.jit(lambda p, k: lora.init(p, cfg, k))(params, jax.random.key(seed))  # Eager, each op compiles.
+
+
 def random_adapters(params, cfg, seed=0):
   """Adapters with b != 0 (fresh ones have b = 0 and change nothing)."""
-  ad = lora.init(params, cfg, jax.random.key(seed))
-  return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(seed + 1), x.shape), ad)
+  def make(p, k):
+    ad = lora.init(p, cfg, k)
+    return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.fold_in(k, 1), x.shape), ad)
+  return jax.jit(make)(params, jax.random.key(seed))
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +55,11 @@ def test_fresh_adapters_change_nothing_and_merge_is_w_plus_scaled_ab(llama):
   for scan in (False, True):
     mc, params = hf.load(llama[0], scan_layers=scan)
     cfg = lcfg(targets=("attn/o/kernel$", "mlp/down/kernel$"))
-    fresh = lora.init(params, cfg, jax.random.key(0))
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), lora.merge(params, fresh, cfg),
-                                     params))
+    fresh = init_adapters(params, cfg)
+    merge = jax.jit(lambda p, a: lora.merge(p, a, cfg))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), merge(params, fresh), params))
     ad = random_adapters(params, cfg)
-    merged = lora.merge(params, ad, cfg)
+    merged = merge(params, ad)
     path = ("layers", "block") if scan else ("layers_1",)
     node = lambda t: t[path[0]][path[1]] if scan else t[path[0]]
     a, b = node(ad)["attn"]["o"]["kernel"]["a"], node(ad)["attn"]["o"]["kernel"]["b"]
@@ -84,7 +90,7 @@ def test_peft_adapter_matches_peft_logits(tmp_path, llama):
     with torch.no_grad():
       plain = base(torch.tensor(TOKENS)).logits.numpy()
     peft_model = peft.PeftModel.from_pretrained(base, out).eval()
-    ours = our_logits(mc, lora.merge(params, ad, cfg))
+    ours = our_logits(mc, jax.jit(lambda p, a: lora.merge(p, a, cfg))(params, ad))
     assert np.abs(ours - plain).max() > 1e-2  # The adapters matter.
     np.testing.assert_allclose(hf_logits(peft_model), ours, atol=1e-4, rtol=0)
 
@@ -132,7 +138,7 @@ def test_lora_finetune_trains_adapters_only_and_exports(tmp_path, llama):
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.base, base))
   # final_params is the merged model (what later stages and evaluators read).
   final = train.load_final_params(work, "tune", ctx.abstract_params)
-  merged = lora.merge(base, adapters, config.tune.lora)
+  merged = jax.jit(lambda p, a: lora.merge(p, a, config.tune.lora))(base, adapters)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.allclose(a, b, atol=1e-6)), final, merged))
   ours = our_logits(ctx.model_cfg, final)
   assert np.abs(ours - our_logits(ctx.model_cfg, base)).max() > 1e-2
