@@ -28,6 +28,11 @@ setuptools.setup(
         "matplotlib>=3.8",
         # Student-t quantiles for compare's paired t-interval over seeds (already installed with jax).
         "scipy>=1.10",
+        # Hugging Face checkpoints (llmstages.hf): safetensors reads/writes weights tensor by tensor; tokenizers
+        # runs an imported model's tokenizer.json. Export writes config.json itself, so transformers is test-only.
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "jinja2>=3.1",  # An imported tokenizer's chat template.
     ],
     extras_require={
         # psycopg: tests/test_sweep.py runs a sweep against a PostgreSQL server it starts (SQLAlchemy's default
@@ -36,13 +41,15 @@ setuptools.setup(
         # papermill, nbclient, ipykernel: tests/test_colab.py executes the colab/ notebooks in a Jupyter kernel.
         # torch pinned: an unpinned torch resolves to a multi-GB CUDA build on the CI machines; 2.13.0 is the CPU one.
         "test": ["pytest>=8", "torch==2.13.0", "nltk", "psycopg[binary]>=3.1", "openai>=1.0", "httpx",
-                 "fastapi>=0.110", "uvicorn>=0.29", "papermill>=2.6", "nbclient>=0.10", "ipykernel>=6.29"],
+                 "fastapi>=0.110", "uvicorn>=0.29", "papermill>=2.6", "nbclient>=0.10", "ipykernel>=6.29",
+                 # tests/test_hf.py, tests/test_lora.py: parity with transformers' Llama and peft's LoRA.
+                 "transformers>=4.45", "peft>=0.13"],
         # `python -m llmstages.serve`: FastAPI (schemas, errors, SSE) on uvicorn.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx"],
         # A sweep whose workers on several machines share one PostgreSQL study: --storage=postgresql://...
         "postgres": ["psycopg[binary]>=3.1"],
-        # The PyTorch reference model used only by `python -m llmstages.bench`.
-        "bench": ["torch"],
+        # The PyTorch reference model and transformers' KV-cache decode, timed by `python -m llmstages.bench`.
+        "bench": ["torch==2.13.0", "transformers>=4.45"],
         # `python -m llmstages.aot`: compiles for TPU topologies on any machine (tests/test_aot.py needs it).
         "tpu": ["libtpu"],
     },

@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from llmstages import cli
 from llmstages import partitioning, roofline, train
 from llmstages.sampler import Sampler
 
@@ -278,4 +279,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -24,6 +24,7 @@ import numpy as np
 import uvicorn
 from absl import app, flags
 
+from llmstages import cli
 from llmstages import load, openai_api
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's workdir.")
@@ -112,4 +113,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -140,6 +140,17 @@ def rl_config(kind: str) -> ml_collections.ConfigDict:
   return r
 
 
+def lora_config() -> ml_collections.ConfigDict:
+  """LoRA for one stage (llmstages.lora): rank 0 trains every parameter."""
+  lc = ml_collections.ConfigDict()
+  lc.rank = 0
+  lc.alpha = 16.0  # Scale alpha / rank, as in PEFT.
+  lc.dropout = 0.0  # Rank dropout: each step drops whole rank-1 components of every adapter with this rate.
+  # Regexes over '/'-joined parameter paths; each match must be a projection kernel (q k v o gate up down lm_head).
+  lc.targets = ("attn/(q|k|v|o)/kernel$", "mlp/(gate|up|down)/kernel$")
+  return lc
+
+
 def stage_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """A stage block. `kind` (default: the name) picks the stage type, so a pipeline may run one type twice."""
   s = ml_collections.ConfigDict()
@@ -170,6 +181,7 @@ def stage_config(name: str, **overrides) -> ml_collections.ConfigDict:
   s.checkpoint_every = 200
   s.keep_checkpoints = 3
   s.reg = reg_config()
+  s.lora = lora_config()
   s.evals = ()  # Evaluators run on the final parameters (see llmstages.evals): e.g. ('perplexity', 'capacity').
   if s.kind == "dpo":
     s.dpo = dpo_config()
@@ -192,6 +204,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""  # '' -> $LLMSTAGES_DATA_DIR or ~/.cache/llmstages/data.
   c.data.tokenizer_sources = ""  # '' -> the union of every stage's `data`.
+  c.data.tokenizer = ""  # A Hugging Face model directory whose tokenizer every stage uses ('' -> ours, trained).
   c.stages = ("pretrain",)
   c.eval = eval_config()
   c.progress = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log.

@@ -15,9 +15,9 @@ from absl import app, flags
 
 from llmstages import cli
 from llmstages.data import chat as data_chat
-from llmstages import load
+from llmstages import load, pipeline
 
-load_config = load.load_config  # Kept for callers of generate.load_config.
+load_config = pipeline.load_config  # Kept for callers of generate.load_config.
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's workdir (holds config.json and the stages).")
 _STAGE = flags.DEFINE_string("stage", None, "Which stage's final parameters to sample from.")

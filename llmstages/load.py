@@ -5,25 +5,10 @@ points: it sits above `train`, which builds the stage's context and restores the
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
-import ml_collections
-
-from llmstages import train
+from llmstages import pipeline, train
 from llmstages.sampler import Sampler
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a pipeline wrote to `workdir/config.json`, as a locked ConfigDict."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: --workdir must be a directory a pipeline ran in")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.lock()
-  return config
 
 
 @dataclasses.dataclass
@@ -41,7 +26,7 @@ class LoadedStage:
 
 
 def load_stage(workdir: str, stage: str, mc_dropout: float = 0.0, needed_by: str = "") -> LoadedStage:
-  config = load_config(workdir)
+  config = pipeline.load_config(workdir)
   if stage not in config.stages:
     raise ValueError(f"--stage={stage!r} is not one of this workdir's stages {list(config.stages)}")
   tctx = train.build_context(config, stage)

@@ -37,6 +37,11 @@ class ModelConfig:
   dtype: str = "float32"
   tie_embeddings: bool = True
   rope_theta: float = 10000.0
+  # Llama 3.1+ RoPE frequency scaling ("llama3" rope_type); factor 0 is plain RoPE.
+  rope_scaling_factor: float = 0.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm_eps: float = 1e-5
   init_std: float = 0.02
   scan_layers: bool = False
@@ -67,6 +72,9 @@ class ModelConfig:
       bad("num_heads", f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set model.head_dim")
     if self.dim_per_head % 2:
       bad("head_dim", f"RoPE needs an even head dim, got {self.dim_per_head}")
+    if self.rope_scaling_factor and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+      bad("rope_high_freq_factor", f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor > 0, got "
+          f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}")
     if self.remat not in REMAT_POLICIES:
       bad("remat", f"{self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
     if self.attention not in ("auto", "xla", "cudnn", "manual"):  # xla and manual: `explicit_attention`.
@@ -168,11 +176,29 @@ class RMSNorm(nn.Module):
     return (y * scale).astype(self.dtype)
 
 
-def rope(x_BxLxNxH: Array, positions_BxL: Array, theta: float) -> Array:
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """RoPE's [H/2] inverse frequencies; with `rope_scaling_factor`, Llama 3.1's scaling: wavelengths beyond the
+  original context / low_freq_factor are divided by the factor, those below original / high_freq_factor kept,
+  and the band between interpolated smoothly (as transformers' "llama3" rope_type)."""
+  h = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, h // 2, dtype=np.float64) * 2.0 / h))
+  factor = cfg.rope_scaling_factor
+  if not factor:
+    return inv_freq.astype(np.float32)
+  low, high, old = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+  smooth = (old / wavelen - low) / (high - low)
+  medium = (wavelen >= old / high) & (wavelen <= old / low)
+  return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled).astype(np.float32)
+
+
+def rope(x_BxLxNxH: Array, positions_BxL: Array, theta: float, inv_freq: np.ndarray | None = None) -> Array:
   """Rotary embedding, Llama / Hugging Face convention (rotate the two halves, not interleaved pairs)."""
   h = x_BxLxNxH.shape[-1]
   half = h // 2
-  inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float32) * 2.0 / h))
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float32) * 2.0 / h))
   angles_BxLxh = positions_BxL[..., None].astype(jnp.float32) * inv_freq
   sin = jnp.sin(angles_BxLxh)[:, :, None, :]
   cos = jnp.cos(angles_BxLxh)[:, :, None, :]
@@ -236,9 +262,10 @@ class Attention(nn.Module):
     q = Einsum("bld,dnh->blnh", (d, n, h), ("embed", "heads", "head_dim"), std, dt, name="q")(x_BxLxD)
     kk = Einsum("bld,dkh->blkh", (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt, name="k")(x_BxLxD)
     v = Einsum("bld,dkh->blkh", (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt, name="v")(x_BxLxD)
-    q_BxLxNxH = _constrain(rope(q, positions_BxL, cfg.rope_theta),
+    inv_freq = rope_inv_freq(cfg)
+    q_BxLxNxH = _constrain(rope(q, positions_BxL, cfg.rope_theta, inv_freq),
                            ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-    k_BxSxKxH = _constrain(rope(kk, positions_BxL, cfg.rope_theta),
+    k_BxSxKxH = _constrain(rope(kk, positions_BxL, cfg.rope_theta, inv_freq),
                            ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
     v_BxSxKxH = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads",
                                "activation_head_dim"))

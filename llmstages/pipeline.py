@@ -11,6 +11,18 @@ from llmstages import stages as stages_lib
 from llmstages import train
 
 
+def load_config(workdir: str):
+  """The resolved config a pipeline wrote to `workdir/config.json`, as a locked ConfigDict."""
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a directory a pipeline ran in")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.lock()
+  return config
+
+
 def write_resolved_config(config, workdir: str) -> None:
   if jax.process_index() != 0:
     return

@@ -18,6 +18,7 @@ import uvicorn
 from absl import app as absl_app
 from absl import flags
 
+from llmstages import cli
 from llmstages import load
 from llmstages.openai_api import Limits, create_app
 
@@ -50,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  absl_app.run(main)
+  cli.run(main)

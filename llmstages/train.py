@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from llmstages import checkpoint as ckpt_lib
+from llmstages import lora as lora_lib
 from llmstages import partitioning
 from llmstages import regularization as reg_lib
 from llmstages import seeds
@@ -46,8 +47,9 @@ class TrainingError(RuntimeError):
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any
+  params: Any  # What trains: the model's parameters, or with LoRA only the adapters (see `llmstages.lora`).
   opt_state: Any
+  base: Any = None  # With LoRA, the frozen parameters the adapters modify; passed through every step unchanged.
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,11 +99,16 @@ def split_microbatches(batch: dict[str, jax.Array], grad_accum: int) -> dict[str
   return jax.tree.map(split, batch)
 
 
-def make_train_step(stage, model, tx, lr_fn, wd_mask, grad_accum: int, seed_key: jax.Array) -> Callable:
-  """(state, batch, dyn) -> (state, metric sums). `dyn` holds the traced regularization values of this step."""
+def make_train_step(stage, model, tx, lr_fn, wd_mask, grad_accum: int, seed_key: jax.Array, lora=None) -> Callable:
+  """(state, batch, dyn) -> (state, metric sums). `dyn` holds the traced regularization values of this step.
 
-  def loss_and_grad(params, micro, dyn, rng):
+  With `lora` (a stage's lora config block), `state.params` are adapters merged into the frozen `state.base`
+  inside the differentiated function, so only they get gradients."""
+
+  def loss_and_grad(params, micro, dyn, rng, base):
     def f(p):
+      if lora is not None:  # A separate stream for rank dropout, so the model's own dropout masks do not change.
+        p = lora_lib.merge(base, p, lora, jax.random.fold_in(rng, 0x10AA))
       loss_sum, count, metrics = stage.loss(model, p, micro, dyn, rng, True)
       return loss_sum, (count, metrics)
     (loss_sum, (count, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
@@ -110,16 +117,17 @@ def make_train_step(stage, model, tx, lr_fn, wd_mask, grad_accum: int, seed_key:
   def train_step(state: TrainState, batch, dyn):
     rng = jax.random.fold_in(seed_key, state.step)
     if grad_accum == 1:
-      loss_sum, count, metrics, grad_sum = loss_and_grad(state.params, batch, dyn, rng)
+      loss_sum, count, metrics, grad_sum = loss_and_grad(state.params, batch, dyn, rng, state.base)
     else:
       micro = split_microbatches(batch, grad_accum)
 
       def body(carry, xs):
         i, mb = xs
-        out = loss_and_grad(state.params, mb, dyn, jax.random.fold_in(rng, i))
+        out = loss_and_grad(state.params, mb, dyn, jax.random.fold_in(rng, i), state.base)
         return jax.tree.map(jnp.add, carry, out), None
 
-      first = jax.eval_shape(lambda: loss_and_grad(state.params, jax.tree.map(lambda x: x[0], micro), dyn, rng))
+      first = jax.eval_shape(lambda: loss_and_grad(state.params, jax.tree.map(lambda x: x[0], micro), dyn, rng,
+                                                   state.base))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
       (loss_sum, count, metrics, grad_sum), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
     denom = jnp.maximum(count, 1.0)
@@ -129,7 +137,7 @@ def make_train_step(stage, model, tx, lr_fn, wd_mask, grad_accum: int, seed_key:
     lr = lr_fn(state.step)
     wd = dyn["loss"]["weight_decay"]
     params = jax.tree.map(lambda p, u, m: p - lr * (u + wd * m * p), state.params, direction, wd_mask)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, base=state.base)
     out = {"loss_sum": loss_sum, "count": count, **metrics, "grad_norm": grad_norm, "lr": lr}
     return new_state, out
 
@@ -182,22 +190,53 @@ class StageContext:
   cache: dict = dataclasses.field(default_factory=dict, repr=False)  # Stage-owned jitted functions.
   _init_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
+  @property
+  def lora(self):
+    """The stage's LoRA config block when LoRA is on, else None."""
+    lcfg = self.scfg.get("lora")
+    return lcfg if lora_lib.enabled(lcfg) else None
+
+  @property
+  def abstract_params(self):
+    """Abstract parameters of the whole model (with LoRA: the frozen base, not the adapters)."""
+    return self.abstract_state.base if self.lora else self.abstract_state.params
+
+  @property
+  def params_sharding(self):
+    return self.state_sharding.base if self.lora else self.state_sharding.params
+
+  def full_params(self, state: TrainState):
+    """The parameters the model runs with: `state.params`, or with LoRA the base with the adapters merged."""
+    if not self.lora:
+      return state.params
+    if "merge" not in self._init_fns:
+      self._init_fns["merge"] = jax.jit(lambda base, ad: lora_lib.merge(base, ad, self.lora),
+                                        in_shardings=(self.state_sharding.base, self.state_sharding.params),
+                                        out_shardings=self.state_sharding.base)
+    with self.activate():
+      return self._init_fns["merge"](state.base, state.params)
+
   def init_state(self, rng: jax.Array | None = None, params=None) -> TrainState:
-    """A fresh state (new params unless given), created directly in its sharded layout."""
+    """A fresh state (new params unless given), created directly in its sharded layout. With LoRA, `params` (or
+    a fresh init) becomes the frozen base and fresh adapters train."""
     rng = self.seed_key if rng is None else rng
 
     def init(rng, params):
-      if params is None or set(params) != set(self.abstract_state.params):
+      if params is None or set(params) != set(self.abstract_params):
         # Missing entries (a new scalar head on a language model) start fresh.
         params = {**_init_params(self.model, rng), **(params or {})}
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+      step = jnp.zeros((), jnp.int32)
+      if self.lora:
+        adapters = lora_lib.init(params, self.lora, jax.random.fold_in(rng, 1), f"config.{self.name}")
+        return TrainState(step=step, params=adapters, opt_state=self.tx.init(adapters), base=params)
+      return TrainState(step=step, params=params, opt_state=self.tx.init(params))
 
     key = "fresh" if params is None else ("given",) + tuple(sorted(params))
     if key not in self._init_fns:
       if params is None:
         self._init_fns[key] = jax.jit(lambda r, _: init(r, None), out_shardings=self.state_sharding)
       else:
-        given = {k: self.state_sharding.params[k] for k in params}
+        given = {k: self.params_sharding[k] for k in params}
         self._init_fns[key] = jax.jit(init, in_shardings=(None, given), out_shardings=self.state_sharding)
     with self.activate():
       return self._init_fns[key](rng, params)
@@ -219,7 +258,7 @@ class StageContext:
 
   def jit_train_step(self):
     step = make_train_step(self.stage, self.model, self.tx, self.lr_fn, self.weight_decay_mask(),
-                           self.scfg.grad_accum, self.seed_key)
+                           self.scfg.grad_accum, self.seed_key, self.lora)
     batch_sh = partitioning.batch_sharding(self.mesh)
     rep = partitioning.replicated(self.mesh)
     return jax.jit(step, in_shardings=(self.state_sharding, batch_sh, rep), out_shardings=(self.state_sharding, rep),
@@ -232,7 +271,7 @@ class StageContext:
 
   def jit_eval_step(self):
     return jax.jit(make_eval_step(self.stage, self.eval_model),
-                   in_shardings=(self.state_sharding.params, partitioning.batch_sharding(self.mesh)),
+                   in_shardings=(self.params_sharding, partitioning.batch_sharding(self.mesh)),
                    out_shardings=partitioning.replicated(self.mesh))
 
   def abstract_batch(self):
@@ -249,7 +288,7 @@ class StageContext:
 
   def abstract_lm_params(self, with_head: bool = False):
     """Abstract parameters of the language model (plus a scalar head), on this stage's shardings."""
-    lm = {k: v for k, v in self.abstract_state.params.items() if k not in HEAD_PARAMS}
+    lm = {k: v for k, v in self.abstract_params.items() if k not in HEAD_PARAMS}
     return {**lm, **self.abstract_head} if with_head else lm
 
   def load_frozen(self, workdir: str) -> dict:
@@ -287,6 +326,8 @@ def validate_stage_config(config, name: str) -> None:
   if scfg.replay > 0 and not scfg.init_from:
     raise ValueError(f"{where}.replay needs init_from (the stage whose data is replayed)")
   reg_lib.validate(scfg.reg, where)
+  if "lora" in scfg:
+    lora_lib.validate(scfg.lora, where)
 
 
 def build_context(config, name: str, mesh=None) -> StageContext:
@@ -304,9 +345,15 @@ def build_context(config, name: str, mesh=None) -> StageContext:
   lr_fn = make_lr_schedule(scfg)
   seed_key = seeds.stage_key(config.seed, name)
 
+  lcfg = scfg.get("lora") if lora_lib.enabled(scfg.get("lora")) else None
+
   def abstract_init(rng):
     params = model.init({"params": rng}, jnp.zeros((1, 8), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))  # Boxed: moments inherit axis names.
+    step = jnp.zeros((), jnp.int32)
+    if lcfg is not None:
+      adapters = lora_lib.box_like(lora_lib.init(nn.unbox(params), lcfg, rng, f"config.{name}"), params)
+      return TrainState(step=step, params=adapters, opt_state=tx.init(adapters), base=params)
+    return TrainState(step=step, params=params, opt_state=tx.init(params))  # Boxed: moments inherit axis names.
 
   with partitioning.activate(mesh, rules):
     boxed = jax.eval_shape(abstract_init, seed_key)
@@ -360,6 +407,37 @@ def save_final_params(workdir: str, stage: str, params, step: int) -> None:
       json.dump({"stage": stage, "step": int(step), "params": os.path.abspath(path)}, f)
 
 
+def final_lora_dir(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, stage, "final_lora")
+
+
+def save_final_lora(workdir: str, stage: str, adapters, lcfg) -> None:
+  """A LoRA stage's adapters, apart from the base (`final_params` holds the merged model every later stage and
+  evaluator reads), with lora.json naming the rank, alpha and the stage they adapt (for `hf export --peft`)."""
+  import orbax.checkpoint as ocp
+  path = final_lora_dir(workdir, stage)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(os.path.join(path, "adapters")), adapters, force=True)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    with open(os.path.join(path, "lora.json"), "w") as f:
+      json.dump({"rank": int(lcfg.rank), "alpha": float(lcfg.alpha), "dropout": float(lcfg.dropout),
+                 "targets": list(lcfg.targets)}, f, indent=1)
+
+
+def load_final_lora(workdir: str, stage: str, abstract_adapters):
+  """(adapters, lora.json) of a LoRA stage, restored onto the shardings of `abstract_adapters`."""
+  import orbax.checkpoint as ocp
+  path = final_lora_dir(workdir, stage)
+  if not os.path.exists(os.path.join(path, "lora.json")):
+    raise FileNotFoundError(f"stage {stage!r} in {workdir} has no LoRA adapters ({path}/lora.json is missing): "
+                            f"was it trained with {stage}.lora.rank > 0?")
+  with open(os.path.join(path, "lora.json")) as f:
+    meta = json.load(f)
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(os.path.abspath(os.path.join(path, "adapters")), abstract_adapters), meta
+
+
 def load_final_params(workdir: str, stage: str, abstract_params, needed_by: str = "", with_head: bool = False):
   """The final parameters of `stage` in `workdir`, restored onto the shardings of `abstract_params`.
 
@@ -410,8 +488,15 @@ def data_dir(config) -> str:
 
 
 def tokenizer_for(config):
-  """The one tokenizer of a pipeline: trained on every stage's sources (or `data.tokenizer_sources`)."""
+  """The one tokenizer of a pipeline: an imported model's (`data.tokenizer`, a Hugging Face directory), or ours
+  trained on every stage's sources (or `data.tokenizer_sources`)."""
   from llmstages import data
+  if config.data.get("tokenizer"):
+    tok = data.HFTokenizer(config.data.tokenizer)
+    if tok.vocab_size > config.model.vocab_size:
+      raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r} has {tok.vocab_size} tokens but "
+                       f"config.model.vocab_size={config.model.vocab_size}")
+    return tok
   if config.data.tokenizer_sources:
     sources = [s for s, _ in data.parse_mixture(config.data.tokenizer_sources)]
   else:
@@ -578,7 +663,7 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
     train_iter.set_state(meta["data"])
     print(f"[{name}] resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
   elif scfg.init_from:
-    params = load_final_params(workdir, scfg.init_from, ctx.abstract_state.params,
+    params = load_final_params(workdir, scfg.init_from, ctx.abstract_params,
                                needed_by=f"config.{name}.init_from={scfg.init_from!r}")
     state = ctx.init_state(params=params)
     start = 0
@@ -591,8 +676,10 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
   eval_fn = ctx.jit_eval_step()
   t0 = time.time()
   compiled = ctx.compile_train_step()
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ctx.abstract_state.params))
-  print(f"[{name}] compiled the train step in {time.time() - t0:.1f}s; {n_params:,} parameters; mesh "
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ctx.abstract_params))
+  n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ctx.abstract_state.params))
+  trained = f" ({n_train:,} trained: LoRA)" if ctx.lora else ""
+  print(f"[{name}] compiled the train step in {time.time() - t0:.1f}s; {n_params:,} parameters{trained}; mesh "
         f"{dict(ctx.mesh.shape)}; {_memory_report(compiled)}", flush=True)
 
   writer = MetricsWriter(stage_dir, resume_step=start if restored is not None else None)
@@ -621,7 +708,7 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
         local = _next_batch(ctx, train_iter, "train")
         if local is None:
           raise TrainingError(f"stage {name}: the training data ran out at step {step}")
-        batch, host_metrics = _prepare(ctx, state.params, local, step, "train")
+        batch, host_metrics = _prepare(ctx, ctx.full_params(state), local, step, "train")
         window_host.append(host_metrics)
         dyn = jax.device_put(ctx.dyn_at(step), rep)
         state, metrics = compiled(state, batch, dyn)
@@ -643,7 +730,7 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
           window, window_host, window_t0, window_tokens = [], [], time.time(), 0
         t_aside = time.time()  # Eval and saving are kept out of train/tokens_per_sec.
         if scfg.eval_every and (done % scfg.eval_every == 0 or done == scfg.steps):
-          scalars = evaluate(ctx, eval_fn, state.params, tokenizer)
+          scalars = evaluate(ctx, eval_fn, ctx.full_params(state), tokenizer)
           writer.write(done, scalars)
           progress.update(done, scalars)
         if done % scfg.checkpoint_every == 0 or stop.signum is not None:
@@ -665,7 +752,9 @@ def _train(ctx: StageContext, workdir: str, stage_dir: str, ckpt: ckpt_lib.Check
   if last_saved != scfg.steps:
     save(scfg.steps, state)
   ckpt.wait()
-  save_final_params(workdir, name, state.params, scfg.steps)
+  save_final_params(workdir, name, ctx.full_params(state), scfg.steps)
+  if ctx.lora:
+    save_final_lora(workdir, name, state.params, ctx.lora)
   print(f"[{name}] finished {scfg.steps} steps; final parameters in {final_params_dir(workdir, name)}", flush=True)
   return {"stage": name, "skipped": False, "steps": scfg.steps}
 

@@ -51,6 +51,7 @@ and read with `as_data_source` (no TensorFlow needed); TFDS shows tqdm progress 
 
 from llmstages.data import registry as _registry  # noqa: F401  (fills the source table)
 from llmstages.data.chat import CHAT_TOKENS, format_chat
+from llmstages.data.hf_tokenizer import HFTokenizer
 from llmstages.data.pipeline import (BatchIterator, PreferenceIterator, make_iterator, make_preference_iterator,
                                      tokenize_document)
 from llmstages.data.sources import SOURCES, open_source, parse_mixture, parse_source, source_info
@@ -58,4 +59,4 @@ from llmstages.data.tokenizer import Tokenizer, get_tokenizer
 
 __all__ = ["get_tokenizer", "Tokenizer", "parse_mixture", "parse_source", "make_iterator", "BatchIterator",
            "source_info", "open_source", "make_preference_iterator", "PreferenceIterator", "tokenize_document",
-           "format_chat", "CHAT_TOKENS", "SOURCES"]
+           "format_chat", "CHAT_TOKENS", "SOURCES", "HFTokenizer"]

@@ -46,3 +46,29 @@ def chat_segments(text: str) -> list[tuple[str, bool]]:
     if pos < len(text):
         segments.append((text[pos:], False))
     return [s for s in segments if s[0]]
+
+
+def is_chat_text(text: str) -> bool:
+    """Whether `text` starts with a turn of our template (a role token and its space)."""
+    return any(text.startswith(role + " ") or text == ASSISTANT or text.startswith(role + END)
+               for role in ROLES.values())
+
+
+def parse_chat(text: str) -> tuple[list[dict], list[tuple[int, int]], bool]:
+    """Our template back to (messages, content character spans, ends with a bare `<|assistant|>`), so another
+    template (an imported model's) can render the same conversation. Inverse of `format_chat`."""
+    role_of = {v: k for k, v in ROLES.items()}
+    messages, spans, pos = [], [], 0
+    for m in _TURN.finditer(text):
+        if text[pos:m.start()].strip():
+            raise ValueError(f"chat: text outside any turn at character {pos}: {text[pos:m.start()][:40]!r}")
+        role, content, end = m.groups()
+        pos = m.end()
+        if not end:
+            if content or role != ASSISTANT or pos != len(text):
+                raise ValueError(f"chat: unterminated {role} turn: {text[m.start():m.start() + 60]!r}")
+            return messages, spans, True
+        start = m.start(2) + (1 if content.startswith(" ") else 0)
+        messages.append({"role": role_of[role], "content": text[start:m.end(2)]})
+        spans.append((start, m.end(2)))
+    return messages, spans, False

@@ -43,7 +43,11 @@ PACK_LOOKAHEAD = 32  # pieces considered when filling a row
 
 
 def tokenize_document(tokenizer: Tokenizer, document: sources_lib.Document) -> tuple[np.ndarray, np.ndarray]:
-    """([BOS] + tokens + [EOS], loss flag per token); EOS takes the flag of the last segment."""
+    """([BOS] + tokens + [EOS], loss flag per token); EOS takes the flag of the last segment. A tokenizer with its
+    own chat template (an imported model's `HFTokenizer`) first re-renders chat documents in it."""
+    render = getattr(tokenizer, "render_chat_document", None)
+    if render is not None:
+        document = render(document)
     ids, flags = [tokenizer.bos_id], [False]
     for text, has_loss in document:
         piece = tokenizer.encode(text)

@@ -85,6 +85,17 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def save_pretrained(self, out_dir: str) -> None:
+        """Writes tokenizer.model and tokenizer_config.json (hf export; `HFTokenizer` reads them back)."""
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+            f.write(self._proto)
+        names = {r: self._sp.id_to_piece(i) for r, i in (("pad", PAD_ID), ("bos", BOS_ID), ("eos", EOS_ID),
+                                                          ("unk", UNK_ID))}
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                       **{f"{r}_token": n for r, n in names.items()}}, f, indent=1)
+
     def __getstate__(self):
         return {"proto": self._proto, "path": self.path}
 

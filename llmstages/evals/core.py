@@ -200,7 +200,7 @@ def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool
     host_params = multihost_utils.process_allgather(params, tiled=True)
     local = partitioning.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
     tctx = train.build_context(config, stage, mesh=local)
-    params = jax.device_put(host_params, {k: tctx.state_sharding.params[k] for k in host_params})
+    params = jax.device_put(host_params, {k: tctx.params_sharding[k] for k in host_params})
   lm_params = {k: v for k, v in params.items() if k not in HEAD_PARAMS}
   fmt = prompt_format(config, stage)
   ctx = EvalContext(config=config, stage=stage, params=lm_params, stage_params=params, tokenizer=tokenizer,

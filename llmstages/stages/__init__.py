@@ -119,4 +119,14 @@ class InstructionTune(NextTokenStage):
   """Chat data rendered with the tokenizer's chat tokens (`data.format_chat`): loss on assistant turns only."""
 
 
+@register("hf_import")
+class Imported(Stage):
+  """A stage whose final parameters `python -m llmstages.hf import` wrote; it is never trained here."""
+
+  def batches(self, ctx, tokenizer, split):
+    hf_dir = self.scfg.get("hf_dir", "DIR") if self.scfg is not None else "DIR"
+    raise RuntimeError(f"{self.where} is imported, not trained: run `python -m llmstages.hf import "
+                       f"--hf_dir={hf_dir} --workdir=WORKDIR --stage={ctx.name}` first")
+
+
 from llmstages.stages import preference, rl  # noqa: E402,F401  (register their stages)
