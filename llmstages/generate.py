@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from llmstages import cli
-from llmstages.data import chat as data_chat
-from llmstages import load, pipeline
+from llmstages import cli, load, pipeline
 
 load_config = pipeline.load_config  # Kept for callers of generate.load_config.
+generate = load.generate  # The library function; this module adds only the command line.
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's workdir (holds config.json and the stages).")
 _STAGE = flags.DEFINE_string("stage", None, "Which stage's final parameters to sample from.")
@@ -33,28 +32,6 @@ _MC_DROPOUT = flags.DEFINE_float("mc_dropout", 0.0, "Inference-time dropout rate
 _CHAT = flags.DEFINE_enum("chat", "auto", ["auto", "always", "never"],
                           "Wrap the prompt in the chat template: auto = when the stage was tuned on it.")
 flags.mark_flags_as_required(["workdir", "stage", "prompt"])
-
-
-def generate(workdir: str, stage: str, prompts: list[str], **kw) -> list[dict]:
-  """Samples for each prompt: [{'prompt', 'format', 'samples': [reply, ...], 'answers', 'vote': (answer, share)}]."""
-  from llmstages import text
-  from llmstages.evals import core, evaluators
-  loaded = load.load_stage(workdir, stage, mc_dropout=kw.pop("mc_dropout", 0.0),
-                           needed_by=f"generate --stage={stage}")
-  tok, sampler, params = loaded.tokenizer, loaded.sampler, loaded.params
-  chat = kw.pop("chat", "auto")
-  fmt = core.prompt_format(loaded.config, stage) if chat == "auto" else core.PROMPT_FORMATS[chat]
-  n = kw.get("num_samples", 1)
-  out = sampler.generate(params, [loaded.encode_prompt(core.wrap_question(p, fmt)) for p in prompts], **kw)
-  texts = [tok.decode([t for t in seq if t not in (tok.eos_id, tok.pad_id)]) for seq in out.sequences()]
-  replies = [t.split(data_chat.END, 1)[0] for t in texts]
-  results = []
-  for i, prompt in enumerate(prompts):
-    samples = replies[i * n:(i + 1) * n]
-    answers = [evaluators.extract_answer(prompt, s) for s in samples]
-    results.append({"prompt": prompt, "format": fmt, "samples": samples, "answers": answers,
-                    "vote": text.majority_vote(answers)})
-  return results
 
 
 def main(argv):

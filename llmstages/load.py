@@ -1,5 +1,5 @@
 """Loads a finished stage of a workdir for sampling: the resolved config, the tokenizer, a KV-cache sampler on
-the stage's mesh and the stage's final parameters. `generate` and `serve` share it (an L4 helper for L5 entry
+the stage's mesh and the stage's final parameters. `generate` and `serve` share it, and `generate` (sampling with answers and a vote) lives here (an L4 helper for L5 entry
 points: it sits above `train`, which builds the stage's context and restores the parameters)."""
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from llmstages import pipeline, train
+from llmstages import pipeline, text, train
+from llmstages.data import chat as data_chat
+from llmstages.evals import core, evaluators
 from llmstages.sampler import Sampler
 
 
@@ -36,3 +38,24 @@ def load_stage(workdir: str, stage: str, mc_dropout: float = 0.0, needed_by: str
   sampler = Sampler(tctx.model_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=tctx.mesh, rules=tctx.rules,
                     mc_dropout=mc_dropout)
   return LoadedStage(config=config, stage=stage, tokenizer=tok, sampler=sampler, params=params)
+
+
+def generate(workdir: str, stage: str, prompts: list[str], **kw) -> list[dict]:
+  """What `python -m llmstages.generate` prints, as data (a library function: the command's module defines flags).
+
+  Samples for each prompt: [{'prompt', 'format', 'samples': [reply, ...], 'answers', 'vote': (answer, share)}]."""
+  loaded = load_stage(workdir, stage, mc_dropout=kw.pop("mc_dropout", 0.0), needed_by=f"generate --stage={stage}")
+  tok, sampler, params = loaded.tokenizer, loaded.sampler, loaded.params
+  chat = kw.pop("chat", "auto")
+  fmt = core.prompt_format(loaded.config, stage) if chat == "auto" else core.PROMPT_FORMATS[chat]
+  n = kw.get("num_samples", 1)
+  out = sampler.generate(params, [loaded.encode_prompt(core.wrap_question(p, fmt)) for p in prompts], **kw)
+  texts = [tok.decode([t for t in seq if t not in (tok.eos_id, tok.pad_id)]) for seq in out.sequences()]
+  replies = [t.split(data_chat.END, 1)[0] for t in texts]
+  results = []
+  for i, prompt in enumerate(prompts):
+    samples = replies[i * n:(i + 1) * n]
+    answers = [evaluators.extract_answer(prompt, s) for s in samples]
+    results.append({"prompt": prompt, "format": fmt, "samples": samples, "answers": answers,
+                    "vote": text.majority_vote(answers)})
+  return results

@@ -516,6 +516,8 @@ def report_local_data(ctx: StageContext, tokenizer) -> list[str]:
   (`<stage>.too_long`, see `llmstages.data.report`) before anything compiles or trains."""
   from llmstages.data import report
   scfg = ctx.scfg
+  if not scfg.data:  # A stage that reads no data (an imported base) has nothing to report.
+    return []
   _, lines = report.check_and_report(stage_mixture(ctx.config, ctx.name), tokenizer=tokenizer, seq_len=scfg.seq_len,
                                      batch_size=scfg.batch_size, steps=scfg.steps, pack=scfg.pack,
                                      data_dir=data_dir(ctx.config), too_long=scfg.get("too_long", "auto"),

@@ -81,13 +81,13 @@ def test_generate_cli_votes(runs):
 
 def test_generate_missing_stage_checkpoint_is_named(tmp_path, runs):
   workdir, _ = runs["untrained"]
-  from llmstages import generate
+  from llmstages import load
   import shutil
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   os.remove(copy / "pretrain" / "final.json")
   with pytest.raises(FileNotFoundError, match="no final checkpoint of stage 'pretrain'"):
-    generate.generate(str(copy), "pretrain", ["hi"], max_new_tokens=2)
+    load.generate(str(copy), "pretrain", ["hi"], max_new_tokens=2)
 
 
 def test_unknown_evaluator_fails_before_training(tmp_path):

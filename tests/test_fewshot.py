@@ -22,7 +22,8 @@ def test_shots_are_k_solved_training_examples_that_no_scored_prompt_is(tmp_path,
   spec = _qa_file(tmp_path / "qa.jsonl", 10)
   seen = []
   monkeypatch.setattr(evaluators, "_score_prompts",
-                      lambda ctx, prompts, correct, prefix, **kw: seen.append(list(prompts)) or {f"{prefix}greedy": 0})
+                      lambda ctx, prompts, correct, prefix, **kw: seen.append(list(kw.get("questions") or prompts))
+                      or {f"{prefix}greedy": 0})
   ecfg = ml_collections.ConfigDict(dict(shots=3, num_prompts=5))
   ctx = types.SimpleNamespace(ecfg=ecfg, data_dir=str(tmp_path))
   out = evaluators._score_with_shots(ctx, spec, ["Q0?", "Q1?"], None, "qa_test/")

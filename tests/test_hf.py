@@ -279,7 +279,7 @@ def test_chat_data_is_rendered_in_the_models_template(tmp_path):
 
 
 def test_cli_import_generate_export(tmp_path, llama_dir):
-  from llmstages import generate, train
+  from llmstages import load, train
   from llmstages.hf import commands as cli
   src = str(tmp_path / "src")
   shutil.copytree(llama_dir[0], src)
@@ -290,7 +290,7 @@ def test_cli_import_generate_export(tmp_path, llama_dir):
   assert train.stage_finished(work, "base")
   # generate --stage=base: greedy continuation equals transformers' greedy generate.
   prompt = "hello world"
-  out = generate.generate(work, "base", [prompt], max_new_tokens=6, temperature=0.0)
+  out = load.generate(work, "base", [prompt], max_new_tokens=6, temperature=0.0)
   ids = [1] + tok.encode(prompt).ids
   with torch.no_grad():
     ref = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(ids):]

@@ -97,7 +97,7 @@ def test_ipo_averages_log_ratios_per_token_by_hand():
   for ipo_logps, delta in (("token_mean", (pc - rc) / nc - (pr - rr) / nr), ("sum", (pc - rc) - (pr - rr))):
     loss_sum, count, _ = dpo_stage(loss="ipo", beta=0.5, ipo_logps=ipo_logps).loss(model, params, pair, None, None,
                                                                                   False)
-    np.testing.assert_allclose(loss_sum / count, np.mean((delta - 1.0) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(loss_sum / count, np.mean((delta - 1.0) ** 2), rtol=1e-4)  # f32 sums in another order
   assert config_lib.dpo_config().ipo_logps == "token_mean"
   with pytest.raises(ValueError, match="dpo.ipo_logps: 'mean' is not one of token_mean, sum"):
     dpo_stage(ipo_logps="mean").frozen_models(dpo_stage(ipo_logps="mean").scfg)
@@ -379,7 +379,7 @@ def direction_run(tmp_path_factory):
                                      init_from="sft", **common)
   c.dpo = config_lib.stage_config("dpo", steps=80, learning_rate=1e-3, data=prefs, eval_data=held_out,
                                   init_from="sft", **common)
-  c.grpo = config_lib.stage_config("grpo", steps=40, learning_rate=1e-3, data=arith, init_from="fit",
+  c.grpo = config_lib.stage_config("grpo", steps=60, learning_rate=1e-3, data=arith, init_from="fit",
                                    **{**common, "batch_size": 64})
   c.grpo.rl.update(dict(num_generations=8, max_new_tokens=4, rewards=("arith",)))
   c.ppo = config_lib.stage_config("ppo", steps=30, learning_rate=1e-3, data=prefs, init_from="sft", **common)
@@ -428,7 +428,7 @@ def test_grpo_raises_arithmetic_reward_above_its_sft_start(direction_run):
   cfg, workdir = direction_run
   start, end = _stage_eval(cfg, workdir, "grpo", "sft"), _stage_eval(cfg, workdir, "grpo", "grpo")
   assert end["eval/reward"] > start["eval/reward"] + 0.1, (start["eval/reward"], end["eval/reward"])
-  assert 0.0 <= read_metrics(workdir, "grpo", "train/frac_zero_std")[40] <= 1.0
+  assert 0.0 <= read_metrics(workdir, "grpo", "train/frac_zero_std")[60] <= 1.0
 
 
 def test_ppo_raises_the_reward_model_score(direction_run):

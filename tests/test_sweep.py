@@ -142,7 +142,7 @@ def test_registry_lists_every_experiment_and_smoke_shrinks_it():
   exp = X.load("dropout_vs_facts")
   settings = {r.setting for r in exp.runs()}
   assert {"none", "dropout@pretrain", "mlp_dropout@cpt", "neftune@cpt", "weight_decay@pretrain"} <= settings
-  assert all(sum(r.setting == s for r in exp.runs()) == 3 for s in settings)  # 3 seeds each.
+  assert all(sum(r.setting == s for r in exp.runs()) == X.DEFAULT_SEEDS for s in settings)  # Seeds each.
   one = next(r for r in exp.runs() if r.setting == "attn_dropout@cpt")
   assert one.config.cpt.reg.attn_dropout == 0.1 and one.config.pretrain.reg.attn_dropout is None
   out = subprocess.run([sys.executable, "-m", "llmstages.sweep", "--list"], env=_env(), cwd=ROOT,
