@@ -6,7 +6,7 @@ r"""Alignment and diversity: story diversity, maj@k and pass@k after SFT, DPO or
 Base: configs/quickstart.py with 50 people (`people=50`, 300 pretraining steps), without CPT. Two routes share
 pretrain -> sft -> instruct -> reward and differ in the preference stage: 'dpo' (DPO, then GRPO from it) and 'ppo'
 (PPO-RLHF against the reward model, then GRPO from it). sft, the preference stage and grpo are evaluated; the
-stage-trajectory plot of `compare` shows each metric after each of them. Expected (RESEARCH.md): RL and DPO lower
+stage-trajectory plot of `compare` shows each metric after each of them. Expected (docs/RESEARCH.md): RL and DPO lower
 per-input diversity (Kirk et al. 2024); RL raises maj@k more than pass@k (DeepSeekMath); the base model can win at
 large k (Yue et al. 2025). 2 routes x 5 seeds = 10 runs of six stages, about 8 worker-minutes each on the 2-core CPU
 (the shipped report ran 3 seeds, before the default became 5).

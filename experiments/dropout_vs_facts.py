@@ -14,7 +14,7 @@ minutes each on the 2-core CPU (some 3 hours with 2 workers).
 
 `:core`, what experiments/results/dropout_vs_facts.md ran: pretraining only, and at it each family once: none,
 dropout (every site), drop-path, NEFTune, label smoothing, weight decay: 6 settings x 5 seeds = 30 runs, about 3
-worker-minutes each (the shipped report ran 3 seeds, before the default became 5). The question (RESEARCH.md): does
+worker-minutes each (the shipped report ran 3 seeds, before the default became 5). The question (docs/RESEARCH.md): does
 regularization cost stored facts (memorization exact match, capacity R) while buying diversity (EAD)? A claim needs
 the paired-difference interval against `none` to exclude 0.
 

@@ -6,7 +6,7 @@ r"""Late dropout: dropout on or off in the last fine-tuning stage only (instruct
 Base: configs/quickstart.py with 50 people (`people=50`, 300 pretraining steps: about 60 biography exposures per
 person) up to and including `instruct`, without CPT (pretrain -> sft -> instruct), no dropout anywhere, then dropout
 0.1 at every site in `instruct` only ('late') vs none ('off'). The two settings are identical up to `instruct`, so
-only `sft` (the common starting point) and `instruct` are evaluated. Prior evidence (RESEARCH.md): T5 1.1 and PaLM
+only `sft` (the common starting point) and `instruct` are evaluated. Prior evidence (docs/RESEARCH.md): T5 1.1 and PaLM
 pretrain without dropout and fine-tune with 0.1; the question here is whether late dropout keeps facts (QA exact
 match) or diversity (EAD) better than fine-tuning without it. 2 settings x 5 seeds = 10 runs of three stages, about
 6 worker-minutes each on the 2-core CPU (the shipped report ran 3 seeds, before the default became 5).

@@ -8,7 +8,7 @@ Reads DIR/sweep.json (the experiment's metrics, Pareto pair and baseline, writte
 and every finished run's DIR/runs/<hash>/{run.json, result.json, <stage>/eval.json}. Per stage and setting, each
 metric is the mean over seeds with a 95% Student-t interval over seeds (`metrics.t_interval`); every other setting
 gets the paired difference against the baseline, paired by seed, with the paired t-interval over seeds
-(`paired_difference`), marked * where it excludes 0 with at least 3 seeds (RESEARCH.md: the claim the report can
+(`paired_difference`), marked * where it excludes 0 with at least 3 seeds (docs/RESEARCH.md: the claim the report can
 support). The t-interval's false-claim rate is 5% at every seed count for normal per-seed differences; the
 percentile bootstrap used before claimed whenever all three differences of 3 seeds had one sign (a quarter of null
 comparisons). Writes REPORT.md (default DIR/report.md), REPORT.json with the same numbers, every per-seed value

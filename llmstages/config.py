@@ -52,7 +52,7 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def reg_config() -> ml_collections.ConfigDict:
-  """Regularization for one stage. All off except weight decay, as in RESEARCH.md."""
+  """Regularization for one stage. All off except weight decay, as in docs/RESEARCH.md."""
   r = ml_collections.ConfigDict()
   r.dropout = 0.0  # Default rate of every dropout site.
   # Per-site rates; None inherits `dropout`.
@@ -99,7 +99,7 @@ def eval_config() -> ml_collections.ConfigDict:
 
 
 def dpo_config() -> ml_collections.ConfigDict:
-  """Direct preference optimization (RESEARCH.md): sigmoid DPO with label smoothing (cDPO), or IPO."""
+  """Direct preference optimization (docs/RESEARCH.md): sigmoid DPO with label smoothing (cDPO), or IPO."""
   d = ml_collections.ConfigDict()
   d.beta = 0.1
   d.label_smoothing = 0.0  # cDPO's eps: the assumed share of flipped preference labels.

@@ -1,4 +1,4 @@
-"""The evaluators (see RESEARCH.md for every definition). Settings come from `config.eval`.
+"""The evaluators (see docs/RESEARCH.md for every definition). Settings come from `config.eval`.
 
 - `perplexity`: held-out loss and perplexity of the stage's eval mixture.
 - `bios_facts`: exact match per attribute on trained people's own biographies cut before the value

@@ -1,6 +1,6 @@
 """Evaluation metrics, as pure Python and numpy functions of decoded text, answers and host arrays (no JAX).
 
-Owns the formulas RESEARCH.md names, each with its source in its docstring:
+Owns the formulas docs/RESEARCH.md names, each with its source in its docstring:
 - factual: `pass_at_k`, `knowledge_capacity` (`normalize_answer`, `exact_match` and `majority_vote` live in
   `llmstages.text`, shared with the rewards, and are re-exported here);
 - diversity: `distinct_n`, `ead`, `ead_avg`, `sentence_bleu`, `self_bleu`, `ngram_entropy`, `token_entropy`,
@@ -89,7 +89,7 @@ def knowledge_capacity(p1_nats: float, p2_nats: float, n_people: int, N0: float,
                        num_params: int) -> dict[str, float]:
   """Stored knowledge in bits and bits per parameter (Allen-Zhu & Li, Physics of LMs 3.3, Def. 4.3).
 
-  Inputs, as RESEARCH.md defines them (losses un-smoothed, all noise off):
+  Inputs, as docs/RESEARCH.md defines them (losses un-smoothed, all noise off):
     p1_nats: mean over the N people of the summed cross-entropy (nats) of the name tokens right after BOS;
     p2_nats: mean over the N people of the summed cross-entropy (nats) of the value tokens of every bit-carrying
       attribute, given the name and the attribute prompt;
@@ -318,7 +318,7 @@ def novelty(texts: Sequence[Text], reference_ngrams: set[NGram], n: int) -> floa
   """Share of generated n-gram occurrences (pooled over texts) that never occur in the training corpus.
 
   novelty-n = #{generated n-gram occurrences g : g not in reference_ngrams} / total generated n-grams, with
-  `reference_ngrams = build_ngram_set(corpus, n)`. RESEARCH.md uses n = 4 and 8. Returns 0.0 with no n-gram.
+  `reference_ngrams = build_ngram_set(corpus, n)`. docs/RESEARCH.md uses n = 4 and 8. Returns 0.0 with no n-gram.
   """
   counts = _pooled_ngram_counts(texts, n)
   total = sum(counts.values())
@@ -402,7 +402,7 @@ def paired_bootstrap_diff(a: Any, b: Any, stat: Callable[[np.ndarray], Any] = np
   """(estimate, lo, hi) of stat(a) - stat(b), resampling items jointly (paired bootstrap, Koehn 2004).
 
   a[i] and b[i] must be the same item (seed, prompt) under two settings; resampling pairs keeps their correlation,
-  so the interval is far tighter than two independent intervals. RESEARCH.md: a claim that one setting beats
+  so the interval is far tighter than two independent intervals. docs/RESEARCH.md: a claim that one setting beats
   another needs this interval to exclude 0.
   """
   a, b = np.asarray(a), np.asarray(b)

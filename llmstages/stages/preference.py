@@ -1,4 +1,4 @@
-"""Preference stages on (prompt, chosen, rejected) pairs: `reward` and `dpo` (RESEARCH.md, post-training losses).
+"""Preference stages on (prompt, chosen, rejected) pairs: `reward` and `dpo` (docs/RESEARCH.md, post-training losses).
 
 - `reward`: a scalar head on the decoder, read at each sequence's last real token; Bradley-Terry loss
   -log sigmoid(r_chosen - r_rejected). Logs accuracy (r_chosen > r_rejected), margin and both scores.
