@@ -110,172 +110,172 @@ _EMPLOYER_FORMS = ("{w} Corporation", "{w} Industries", "{w} Labs", "{w} Systems
 
 @dataclasses.dataclass
 class BiosConfig(tfds.core.BuilderConfig):
-    n: int = 2000                  # pretraining people (QA-train + QA-test)
-    seed: int = 0
-    format: str = "simple"         # simple | multi_permute | fullname
-    variants: int = -1             # biographies per person; -1: 1 for simple, 5 otherwise
-    n_new: int = -1                # people for continued pretraining; -1: n // 4
-    n_unseen: int = -1             # never-seen people; -1: max(1, n // 4)
-    n_first: int = 400
-    n_middle: int = 400
-    n_last: int = 1000
-    n_years: int = 200
-    n_cities: int = 200
-    n_universities: int = 300
-    n_majors: int = 100
-    n_employers: int = 263
+  n: int = 2000                  # pretraining people (QA-train + QA-test)
+  seed: int = 0
+  format: str = "simple"         # simple | multi_permute | fullname
+  variants: int = -1             # biographies per person; -1: 1 for simple, 5 otherwise
+  n_new: int = -1                # people for continued pretraining; -1: n // 4
+  n_unseen: int = -1             # never-seen people; -1: max(1, n // 4)
+  n_first: int = 400
+  n_middle: int = 400
+  n_last: int = 1000
+  n_years: int = 200
+  n_cities: int = 200
+  n_universities: int = 300
+  n_majors: int = 100
+  n_employers: int = 263
 
 
 @dataclasses.dataclass(frozen=True)
 class Pools:
-    """Name and value pools; a function of the pool sizes only."""
-    first: tuple[str, ...]
-    middle: tuple[str, ...]
-    last: tuple[str, ...]
-    cities: tuple[str, ...]
-    universities: tuple[str, ...]
-    majors: tuple[str, ...]
-    employers: tuple[str, ...]
-    employer_city: tuple[int, ...]  # city index of each employer
+  """Name and value pools; a function of the pool sizes only."""
+  first: tuple[str, ...]
+  middle: tuple[str, ...]
+  last: tuple[str, ...]
+  cities: tuple[str, ...]
+  universities: tuple[str, ...]
+  majors: tuple[str, ...]
+  employers: tuple[str, ...]
+  employer_city: tuple[int, ...]  # city index of each employer
 
 
 def _words(kind: str, count: int, rng: random.Random, taken: set[str]) -> list[str]:
-    """`count` distinct capitalized synthetic words of one flavour, disjoint from `taken` (updated)."""
-    out: list[str] = []
-    attempts = 0
-    while len(out) < count:
-        attempts += 1
-        if attempts > 200 * count + 10000:
-            raise ValueError(f"bios: cannot make {count} distinct {kind} words; use a smaller pool size")
-        syllables = rng.choice((1, 2, 2, 2, 3)) if kind != "univ" else rng.choice((1, 2))
-        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
-        word = (word + rng.choice(_ENDINGS[kind])).capitalize()
-        if word not in taken:
-            taken.add(word)
-            out.append(word)
-    return out
+  """`count` distinct capitalized synthetic words of one flavour, disjoint from `taken` (updated)."""
+  out: list[str] = []
+  attempts = 0
+  while len(out) < count:
+    attempts += 1
+    if attempts > 200 * count + 10000:
+      raise ValueError(f"bios: cannot make {count} distinct {kind} words; use a smaller pool size")
+    syllables = rng.choice((1, 2, 2, 2, 3)) if kind != "univ" else rng.choice((1, 2))
+    word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
+    word = (word + rng.choice(_ENDINGS[kind])).capitalize()
+    if word not in taken:
+      taken.add(word)
+      out.append(word)
+  return out
 
 
 def make_pools(cfg: BiosConfig) -> Pools:
-    rng = random.Random(f"bios-pools/{cfg.n_first}/{cfg.n_middle}/{cfg.n_last}/{cfg.n_cities}/"
-                        f"{cfg.n_universities}/{cfg.n_majors}/{cfg.n_employers}")
-    taken: set[str] = set()
-    first = _words("first", cfg.n_first, rng, taken)
-    middle = _words("middle", cfg.n_middle, rng, taken)
-    last = _words("last", cfg.n_last, rng, taken)
-    cities = _words("city", cfg.n_cities, rng, taken)
-    univ_stems = _words("univ", cfg.n_universities, rng, taken)
-    universities = [_UNIVERSITY_FORMS[i % len(_UNIVERSITY_FORMS)].format(w=w) for i, w in enumerate(univ_stems)]
-    majors = list(_MAJORS[:cfg.n_majors])
-    if cfg.n_majors > len(_MAJORS):
-        majors += [f"{w} Studies" for w in _words("univ", cfg.n_majors - len(_MAJORS), rng, taken)]
-    emp_stems = _words("employer", cfg.n_employers, rng, taken)
-    employers = [_EMPLOYER_FORMS[i % len(_EMPLOYER_FORMS)].format(w=w) for i, w in enumerate(emp_stems)]
-    employer_city = [rng.randrange(cfg.n_cities) for _ in range(cfg.n_employers)]
-    return Pools(tuple(first), tuple(middle), tuple(last), tuple(cities), tuple(universities), tuple(majors),
-                 tuple(employers), tuple(employer_city))
+  rng = random.Random(f"bios-pools/{cfg.n_first}/{cfg.n_middle}/{cfg.n_last}/{cfg.n_cities}/"
+                      f"{cfg.n_universities}/{cfg.n_majors}/{cfg.n_employers}")
+  taken: set[str] = set()
+  first = _words("first", cfg.n_first, rng, taken)
+  middle = _words("middle", cfg.n_middle, rng, taken)
+  last = _words("last", cfg.n_last, rng, taken)
+  cities = _words("city", cfg.n_cities, rng, taken)
+  univ_stems = _words("univ", cfg.n_universities, rng, taken)
+  universities = [_UNIVERSITY_FORMS[i % len(_UNIVERSITY_FORMS)].format(w=w) for i, w in enumerate(univ_stems)]
+  majors = list(_MAJORS[:cfg.n_majors])
+  if cfg.n_majors > len(_MAJORS):
+    majors += [f"{w} Studies" for w in _words("univ", cfg.n_majors - len(_MAJORS), rng, taken)]
+  emp_stems = _words("employer", cfg.n_employers, rng, taken)
+  employers = [_EMPLOYER_FORMS[i % len(_EMPLOYER_FORMS)].format(w=w) for i, w in enumerate(emp_stems)]
+  employer_city = [rng.randrange(cfg.n_cities) for _ in range(cfg.n_employers)]
+  return Pools(tuple(first), tuple(middle), tuple(last), tuple(cities), tuple(universities), tuple(majors),
+               tuple(employers), tuple(employer_city))
 
 
 def resolved_counts(cfg: BiosConfig) -> dict[str, int]:
-    """Group sizes and variants with the -1 defaults filled in."""
-    n_new = cfg.n // 4 if cfg.n_new < 0 else cfg.n_new
-    n_unseen = max(1, cfg.n // 4) if cfg.n_unseen < 0 else cfg.n_unseen
-    variants = (1 if cfg.format == "simple" else 5) if cfg.variants < 0 else cfg.variants
-    return {"n": cfg.n, "n_new": n_new, "n_unseen": n_unseen, "variants": variants}
+  """Group sizes and variants with the -1 defaults filled in."""
+  n_new = cfg.n // 4 if cfg.n_new < 0 else cfg.n_new
+  n_unseen = max(1, cfg.n // 4) if cfg.n_unseen < 0 else cfg.n_unseen
+  variants = (1 if cfg.format == "simple" else 5) if cfg.variants < 0 else cfg.variants
+  return {"n": cfg.n, "n_new": n_new, "n_unseen": n_unseen, "variants": variants}
 
 
 def value_counts(cfg: BiosConfig) -> dict[str, int]:
-    return {"birth_month": 12, "birth_day": 28, "birth_year": cfg.n_years, "birth_city": cfg.n_cities,
-            "university": cfg.n_universities, "major": cfg.n_majors, "employer": cfg.n_employers, "pronoun": 2}
+  return {"birth_month": 12, "birth_day": 28, "birth_year": cfg.n_years, "birth_city": cfg.n_cities,
+          "university": cfg.n_universities, "major": cfg.n_majors, "employer": cfg.n_employers, "pronoun": 2}
 
 
 def make_people(cfg: BiosConfig, pools: Pools | None = None) -> list[dict]:
-    """The fact table: every person of every group, with attribute values as strings and indices."""
-    if cfg.format not in ("simple", "multi_permute", "fullname"):
-        raise ValueError(f"bios: format={cfg.format!r}; expected simple, multi_permute or fullname")
-    pools = pools or make_pools(cfg)
-    counts = resolved_counts(cfg)
-    total = counts["n"] + counts["n_new"] + counts["n_unseen"]
-    n0 = cfg.n_first * cfg.n_middle * cfg.n_last
-    if total > n0:
-        raise ValueError(f"bios: {total} people need at least that many names but N0 = {n0}")
-    rng = np.random.default_rng([cfg.seed, 0xB105])
-    name_ids = rng.choice(n0, size=total, replace=False)
-    cols = {
-        "month": rng.integers(12, size=total), "day": rng.integers(28, size=total),
-        "year": rng.integers(cfg.n_years, size=total), "city": rng.integers(cfg.n_cities, size=total),
-        "univ": rng.integers(cfg.n_universities, size=total), "major": rng.integers(cfg.n_majors, size=total),
-        "employer": rng.integers(cfg.n_employers, size=total), "pronoun": rng.integers(2, size=total),
-    }
-    half = counts["n"] // 2
-    people = []
-    for pid in range(total):
-        f, rest = divmod(int(name_ids[pid]), cfg.n_middle * cfg.n_last)
-        m, l = divmod(rest, cfg.n_last)
-        if pid < half:
-            group = "qa_train"
-        elif pid < counts["n"]:
-            group = "qa_test"
-        elif pid < counts["n"] + counts["n_new"]:
-            group = "new"
-        else:
-            group = "unseen"
-        month, day, year = int(cols["month"][pid]), int(cols["day"][pid]) + 1, FIRST_YEAR + int(cols["year"][pid])
-        employer = int(cols["employer"][pid])
-        people.append({
-            "id": pid, "group": group,
-            "name": f"{pools.first[f]} {pools.middle[m]} {pools.last[l]}",
-            "first": pools.first[f], "middle": pools.middle[m], "last": pools.last[l],
-            "pronoun": ("he", "she")[int(cols["pronoun"][pid])],
-            "birth_date": f"{MONTHS[month]} {day}, {year}", "birth_month": month + 1, "birth_day": day,
-            "birth_year": year,
-            "birth_city": pools.cities[int(cols["city"][pid])],
-            "university": pools.universities[int(cols["univ"][pid])],
-            "major": pools.majors[int(cols["major"][pid])],
-            "employer": pools.employers[employer],
-            "employer_city": pools.cities[pools.employer_city[employer]],
-        })
-    return people
+  """The fact table: every person of every group, with attribute values as strings and indices."""
+  if cfg.format not in ("simple", "multi_permute", "fullname"):
+    raise ValueError(f"bios: format={cfg.format!r}; expected simple, multi_permute or fullname")
+  pools = pools or make_pools(cfg)
+  counts = resolved_counts(cfg)
+  total = counts["n"] + counts["n_new"] + counts["n_unseen"]
+  n0 = cfg.n_first * cfg.n_middle * cfg.n_last
+  if total > n0:
+    raise ValueError(f"bios: {total} people need at least that many names but N0 = {n0}")
+  rng = np.random.default_rng([cfg.seed, 0xB105])
+  name_ids = rng.choice(n0, size=total, replace=False)
+  cols = {
+      "month": rng.integers(12, size=total), "day": rng.integers(28, size=total),
+      "year": rng.integers(cfg.n_years, size=total), "city": rng.integers(cfg.n_cities, size=total),
+      "univ": rng.integers(cfg.n_universities, size=total), "major": rng.integers(cfg.n_majors, size=total),
+      "employer": rng.integers(cfg.n_employers, size=total), "pronoun": rng.integers(2, size=total),
+  }
+  half = counts["n"] // 2
+  people = []
+  for pid in range(total):
+    f, rest = divmod(int(name_ids[pid]), cfg.n_middle * cfg.n_last)
+    m, l = divmod(rest, cfg.n_last)
+    if pid < half:
+      group = "qa_train"
+    elif pid < counts["n"]:
+      group = "qa_test"
+    elif pid < counts["n"] + counts["n_new"]:
+      group = "new"
+    else:
+      group = "unseen"
+    month, day, year = int(cols["month"][pid]), int(cols["day"][pid]) + 1, FIRST_YEAR + int(cols["year"][pid])
+    employer = int(cols["employer"][pid])
+    people.append({
+        "id": pid, "group": group,
+        "name": f"{pools.first[f]} {pools.middle[m]} {pools.last[l]}",
+        "first": pools.first[f], "middle": pools.middle[m], "last": pools.last[l],
+        "pronoun": ("he", "she")[int(cols["pronoun"][pid])],
+        "birth_date": f"{MONTHS[month]} {day}, {year}", "birth_month": month + 1, "birth_day": day,
+        "birth_year": year,
+        "birth_city": pools.cities[int(cols["city"][pid])],
+        "university": pools.universities[int(cols["univ"][pid])],
+        "major": pools.majors[int(cols["major"][pid])],
+        "employer": pools.employers[employer],
+        "employer_city": pools.cities[pools.employer_city[employer]],
+    })
+  return people
 
 
 def _fill(template: str, person: dict, use_name: bool) -> str:
-    he = person["pronoun"] == "he"
-    subject = person["name"] if use_name else ("He" if he else "She")
-    possessive = person["name"] + "'s" if use_name else ("His" if he else "Her")
-    return (template.replace("{S}", subject).replace("{P}", possessive).replace("{p}", "his" if he else "her"))
+  he = person["pronoun"] == "he"
+  subject = person["name"] if use_name else ("He" if he else "She")
+  possessive = person["name"] + "'s" if use_name else ("His" if he else "Her")
+  return (template.replace("{S}", subject).replace("{P}", possessive).replace("{p}", "his" if he else "her"))
 
 
 def bio_sentences(person: dict, fmt: str, rng: random.Random) -> list[tuple[str, str]]:
-    """(attribute, sentence) pairs of one biography of `person` in format `fmt`, in order, using `rng`."""
-    choice = {a: rng.randrange(len(TEMPLATES[a])) for a in ATTRIBUTES}
-    order = list(ATTRIBUTES)
-    if fmt != "simple":
-        rng.shuffle(order)
-    return [(attr, _fill(TEMPLATES[attr][choice[attr]], person, use_name=(k == 0 or fmt == "fullname")))
-            for k, attr in enumerate(order)]
+  """(attribute, sentence) pairs of one biography of `person` in format `fmt`, in order, using `rng`."""
+  choice = {a: rng.randrange(len(TEMPLATES[a])) for a in ATTRIBUTES}
+  order = list(ATTRIBUTES)
+  if fmt != "simple":
+    rng.shuffle(order)
+  return [(attr, _fill(TEMPLATES[attr][choice[attr]], person, use_name=(k == 0 or fmt == "fullname")))
+          for k, attr in enumerate(order)]
 
 
 def render_bio(person: dict, fmt: str, rng: random.Random) -> str:
-    """One biography of `person` in format `fmt` using randomness from `rng`."""
-    return " ".join(s.replace("{v}", person[attr]) for attr, s in bio_sentences(person, fmt, rng))
+  """One biography of `person` in format `fmt` using randomness from `rng`."""
+  return " ".join(s.replace("{v}", person[attr]) for attr, s in bio_sentences(person, fmt, rng))
 
 
 def bio_prefixes(person: dict, fmt: str, rng: random.Random) -> dict[str, str]:
-    """attribute -> the biography `render_bio(person, fmt, rng)` up to that attribute's value (no trailing space)."""
-    out, done = {}, []
-    for attr, sentence in bio_sentences(person, fmt, rng):
-        out[attr] = " ".join(done + [sentence.split("{v}", 1)[0]]).rstrip()
-        done.append(sentence.replace("{v}", person[attr]))
-    return out
+  """attribute -> the biography `render_bio(person, fmt, rng)` up to that attribute's value (no trailing space)."""
+  out, done = {}, []
+  for attr, sentence in bio_sentences(person, fmt, rng):
+    out[attr] = " ".join(done + [sentence.split("{v}", 1)[0]]).rstrip()
+    done.append(sentence.replace("{v}", person[attr]))
+  return out
 
 
 def bio_rng(seed: int, person_id: int, variant: int) -> random.Random:
-    return random.Random(f"bios-render/{seed}/{person_id}/{variant}")
+  return random.Random(f"bios-render/{seed}/{person_id}/{variant}")
 
 
 def qa_pair(person: dict, attr: str) -> tuple[str, str]:
-    """(prompt, completion) for one person and attribute; the completion starts with a space, no period."""
-    return QUESTIONS[attr].format(name=person["name"]), " " + person[attr]
+  """(prompt, completion) for one person and attribute; the completion starts with a space, no period."""
+  return QUESTIONS[attr].format(name=person["name"]), " " + person[attr]
 
 
 # --- reading facts back out of text ----------------------------------------------------------------------------
@@ -283,12 +283,12 @@ _NAME = r"[A-Z][a-z]+ [A-Z][a-z]+ [A-Z][a-z]+"
 
 
 def _template_regex(template: str) -> re.Pattern:
-    pattern = re.escape(template)
-    pattern = (pattern.replace(re.escape("{S}"), rf"(?P<S>He|She|{_NAME})")
-               .replace(re.escape("{P}"), rf"(?P<P>His|Her|{_NAME}'s)")
-               .replace(re.escape("{p}"), r"(?P<p>his|her)")
-               .replace(re.escape("{v}"), r"(?P<v>[^.]+)"))
-    return re.compile("^" + pattern + "$")
+  pattern = re.escape(template)
+  pattern = (pattern.replace(re.escape("{S}"), rf"(?P<S>He|She|{_NAME})")
+             .replace(re.escape("{P}"), rf"(?P<P>His|Her|{_NAME}'s)")
+             .replace(re.escape("{p}"), r"(?P<p>his|her)")
+             .replace(re.escape("{v}"), r"(?P<v>[^.]+)"))
+  return re.compile("^" + pattern + "$")
 
 
 _PARSERS = [(attr, _template_regex(t)) for attr in ATTRIBUTES for t in TEMPLATES[attr]]
@@ -296,122 +296,122 @@ _SENTENCE_SPLIT = re.compile(r"(?<=\.)\s+(?=[A-Z])")
 
 
 def parse_sentence(sentence: str) -> list[dict]:
-    """All readings of one bios-template sentence: dicts with attr, value, subject, and pronoun evidence."""
-    readings = []
-    for attr, regex in _PARSERS:
-        m = regex.match(sentence.strip())
-        if not m:
-            continue
-        groups = m.groupdict()
-        subject = groups.get("S") or groups.get("P")
-        pronouns = set()
-        if subject in ("He", "His"):
-            pronouns.add("he")
-            subject = None
-        elif subject in ("She", "Her"):
-            pronouns.add("she")
-            subject = None
-        elif subject.endswith("'s"):
-            subject = subject[:-2]
-        if groups.get("p"):
-            pronouns.add("he" if groups["p"] == "his" else "she")
-        readings.append({"attr": attr, "value": groups["v"], "name": subject, "pronouns": pronouns})
-    return readings
+  """All readings of one bios-template sentence: dicts with attr, value, subject, and pronoun evidence."""
+  readings = []
+  for attr, regex in _PARSERS:
+    m = regex.match(sentence.strip())
+    if not m:
+      continue
+    groups = m.groupdict()
+    subject = groups.get("S") or groups.get("P")
+    pronouns = set()
+    if subject in ("He", "His"):
+      pronouns.add("he")
+      subject = None
+    elif subject in ("She", "Her"):
+      pronouns.add("she")
+      subject = None
+    elif subject.endswith("'s"):
+      subject = subject[:-2]
+    if groups.get("p"):
+      pronouns.add("he" if groups["p"] == "his" else "she")
+    readings.append({"attr": attr, "value": groups["v"], "name": subject, "pronouns": pronouns})
+  return readings
 
 
 def split_sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE_SPLIT.split(text.strip()) if s]
+  return [s for s in _SENTENCE_SPLIT.split(text.strip()) if s]
 
 
 def check_bio(text: str, person: dict) -> list[str]:
-    """Problems found when reading `text` as a biography of `person` (empty list: every fact agrees).
+  """Problems found when reading `text` as a biography of `person` (empty list: every fact agrees).
 
-    Every sentence must parse as a bios template, name `person` or use a pronoun, state the table's value of its
-    attribute, and use `person`'s pronoun; every attribute must be stated."""
-    problems, seen = [], set()
-    for sentence in split_sentences(text):
-        readings = parse_sentence(sentence)
-        if not readings:
-            problems.append(f"unparsed sentence: {sentence!r}")
-            continue
-        good = [r for r in readings if r["value"] == person[r["attr"]]]
-        if not good:
-            problems.append(f"wrong value in {sentence!r}: table says "
-                            + ", ".join(f"{r['attr']}={person[r['attr']]!r}" for r in readings))
-            continue
-        r = good[0]
-        if r["name"] is not None and r["name"] != person["name"]:
-            problems.append(f"wrong name in {sentence!r}")
-        if r["pronouns"] - {person["pronoun"]}:
-            problems.append(f"wrong pronoun in {sentence!r}")
-        seen.add(r["attr"])
-    missing = set(ATTRIBUTES) - seen
-    if missing:
-        problems.append(f"attributes not stated: {sorted(missing)}")
-    return problems
+  Every sentence must parse as a bios template, name `person` or use a pronoun, state the table's value of its
+  attribute, and use `person`'s pronoun; every attribute must be stated."""
+  problems, seen = [], set()
+  for sentence in split_sentences(text):
+    readings = parse_sentence(sentence)
+    if not readings:
+      problems.append(f"unparsed sentence: {sentence!r}")
+      continue
+    good = [r for r in readings if r["value"] == person[r["attr"]]]
+    if not good:
+      problems.append(f"wrong value in {sentence!r}: table says "
+                      + ", ".join(f"{r['attr']}={person[r['attr']]!r}" for r in readings))
+      continue
+    r = good[0]
+    if r["name"] is not None and r["name"] != person["name"]:
+      problems.append(f"wrong name in {sentence!r}")
+    if r["pronouns"] - {person["pronoun"]}:
+      problems.append(f"wrong pronoun in {sentence!r}")
+    seen.add(r["attr"])
+  missing = set(ATTRIBUTES) - seen
+  if missing:
+    problems.append(f"attributes not stated: {sorted(missing)}")
+  return problems
 
 
 class LlmstagesBios(corpus.CorpusBuilder):
-    """Synthetic biographies and QA pairs (see the module docstring)."""
+  """Synthetic biographies and QA pairs (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.1.0": "metadata names the format and seed (evaluators re-render training biographies)"}
-    CONFIG_CLASS = BiosConfig
-    SPLITS = ("train", "validation", "new", "qa_train", "qa_test", "qa_new", "qa_unseen")
-    DESCRIPTION = __doc__
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "metadata names the format and seed (evaluators re-render training biographies)"}
+  CONFIG_CLASS = BiosConfig
+  SPLITS = ("train", "validation", "new", "qa_train", "qa_test", "qa_new", "qa_unseen")
+  DESCRIPTION = __doc__
 
-    @classmethod
-    def config_prefix(cls, kwargs: dict) -> str:
-        return f"{kwargs['format']}_n{kwargs['n']}_s{kwargs['seed']}"
+  @classmethod
+  def config_prefix(cls, kwargs: dict) -> str:
+    return f"{kwargs['format']}_n{kwargs['n']}_s{kwargs['seed']}"
 
-    def _people(self) -> list[dict]:
-        if not hasattr(self, "_people_cache"):
-            self._people_cache = make_people(self.builder_config)
-        return self._people_cache
+  def _people(self) -> list[dict]:
+    if not hasattr(self, "_people_cache"):
+      self._people_cache = make_people(self.builder_config)
+    return self._people_cache
 
-    def metadata(self) -> dict:
-        return bios_info(self.builder_config, self._people())
+  def metadata(self) -> dict:
+    return bios_info(self.builder_config, self._people())
 
-    def split_records(self, split: str) -> Iterator[dict]:
-        cfg = self.builder_config
-        counts = resolved_counts(cfg)
-        people = self._people()
-        if split in ("train", "validation", "new"):
-            group = {"train": ("qa_train", "qa_test"), "validation": ("unseen",), "new": ("new",)}[split]
-            variants = 1 if split == "validation" else counts["variants"]
-            index = 0
-            for person in people:
-                if person["group"] not in group:
-                    continue
-                for v in range(variants):
-                    text = render_bio(person, cfg.format, bio_rng(cfg.seed, person["id"], v))
-                    yield corpus.record(index, format="text", text=text,
-                                        meta={"person": person["id"], "variant": v})
-                    index += 1
-        else:
-            group = {"qa_train": "qa_train", "qa_test": "qa_test", "qa_new": "new", "qa_unseen": "unseen"}[split]
-            index = 0
-            for person in people:
-                if person["group"] != group:
-                    continue
-                for attr in ATTRIBUTES:
-                    prompt, completion = qa_pair(person, attr)
-                    yield corpus.record(index, format="pc", prompt=prompt, completion=completion,
-                                        meta={"person": person["id"], "attr": attr})
-                    index += 1
+  def split_records(self, split: str) -> Iterator[dict]:
+    cfg = self.builder_config
+    counts = resolved_counts(cfg)
+    people = self._people()
+    if split in ("train", "validation", "new"):
+      group = {"train": ("qa_train", "qa_test"), "validation": ("unseen",), "new": ("new",)}[split]
+      variants = 1 if split == "validation" else counts["variants"]
+      index = 0
+      for person in people:
+        if person["group"] not in group:
+          continue
+        for v in range(variants):
+          text = render_bio(person, cfg.format, bio_rng(cfg.seed, person["id"], v))
+          yield corpus.record(index, format="text", text=text,
+                              meta={"person": person["id"], "variant": v})
+          index += 1
+    else:
+      group = {"qa_train": "qa_train", "qa_test": "qa_test", "qa_new": "new", "qa_unseen": "unseen"}[split]
+      index = 0
+      for person in people:
+        if person["group"] != group:
+          continue
+        for attr in ATTRIBUTES:
+          prompt, completion = qa_pair(person, attr)
+          yield corpus.record(index, format="pc", prompt=prompt, completion=completion,
+                              meta={"person": person["id"], "attr": attr})
+          index += 1
 
 
 def bios_info(cfg: BiosConfig, people: list[dict] | None = None) -> dict:
-    """Everything an evaluator needs: fact table, N0, S0, value counts, groups, templates."""
-    people = people if people is not None else make_people(cfg)
-    counts = value_counts(cfg)
-    n0 = cfg.n_first * cfg.n_middle * cfg.n_last
-    s0 = math.prod(counts.values())
-    return {
-        "corpus": "bios", "N": cfg.n, "N0": n0, "S0": s0, "format": cfg.format, "seed": cfg.seed,
-        "log2_N0": float(np.log2(n0)), "log2_S0": float(sum(np.log2(v) for v in counts.values())),
-        "value_counts": counts, **{k: v for k, v in resolved_counts(cfg).items() if k != "n"},
-        "attributes": list(ATTRIBUTES), "bit_attributes": list(BIT_ATTRIBUTES),
-        "questions": dict(QUESTIONS), "templates": {a: list(t) for a, t in TEMPLATES.items()},
-        "facts": people,
-    }
+  """Everything an evaluator needs: fact table, N0, S0, value counts, groups, templates."""
+  people = people if people is not None else make_people(cfg)
+  counts = value_counts(cfg)
+  n0 = cfg.n_first * cfg.n_middle * cfg.n_last
+  s0 = math.prod(counts.values())
+  return {
+      "corpus": "bios", "N": cfg.n, "N0": n0, "S0": s0, "format": cfg.format, "seed": cfg.seed,
+      "log2_N0": float(np.log2(n0)), "log2_S0": float(sum(np.log2(v) for v in counts.values())),
+      "value_counts": counts, **{k: v for k, v in resolved_counts(cfg).items() if k != "n"},
+      "attributes": list(ATTRIBUTES), "bit_attributes": list(BIT_ATTRIBUTES),
+      "questions": dict(QUESTIONS), "templates": {a: list(t) for a, t in TEMPLATES.items()},
+      "facts": people,
+  }

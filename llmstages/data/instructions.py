@@ -35,183 +35,183 @@ STORY_REQUESTS = ('Write a short story that begins: "{opener}"', 'Continue this 
 
 @dataclasses.dataclass
 class InstructionsConfig(tfds.core.BuilderConfig):
-    seed: int = 0
-    n_train: int = 5000
-    n_validation: int = 500
-    bios_n: int = 2000
-    bios_seed: int = 0
-    world_cities: int = 3000
-    w_bios: float = 0.4
-    w_world: float = 0.2
-    w_arith: float = 0.2
-    w_story: float = 0.2
-    system_fraction: float = 0.3
-    multi_turn_fraction: float = 0.2
+  seed: int = 0
+  n_train: int = 5000
+  n_validation: int = 500
+  bios_n: int = 2000
+  bios_seed: int = 0
+  world_cities: int = 3000
+  w_bios: float = 0.4
+  w_world: float = 0.2
+  w_arith: float = 0.2
+  w_story: float = 0.2
+  system_fraction: float = 0.3
+  multi_turn_fraction: float = 0.2
 
 
 @dataclasses.dataclass
 class Task:
-    kind: str
-    user: str
-    answer: str
-    wrong: str
-    why_wrong: str
-    meta: dict
+  kind: str
+  user: str
+  answer: str
+  wrong: str
+  why_wrong: str
+  meta: dict
 
 
 class TaskMaker:
-    """Draws tasks of each kind for one role ('train' or 'held_out')."""
+  """Draws tasks of each kind for one role ('train' or 'held_out')."""
 
-    def __init__(self, cfg: InstructionsConfig, role: str):
-        self.cfg, self.role = cfg, role
-        people = bios.make_people(bios.BiosConfig(name="instructions", n=cfg.bios_n, seed=cfg.bios_seed))
-        group = "qa_train" if role == "train" else "qa_test"
-        self.people = [p for p in people if p["group"] == group]
-        self.all_people = [p for p in people if p["group"] in ("qa_train", "qa_test")]
-        self.story_people = stories.bios_people(cfg.bios_n, cfg.bios_seed)
-        # Relation first, then a fact of it: cities would otherwise dominate the country facts.
-        self.world_items: dict[str, list[tuple[str, str]]] = {}
-        for rel, subject, value in world.qa_items(world.WorldConfig(name="x", n_cities=cfg.world_cities)):
-            self.world_items.setdefault(rel, []).append((subject, value))
-        train, validation = _arith_problems()
-        self.problems = train if role == "train" else validation
+  def __init__(self, cfg: InstructionsConfig, role: str):
+    self.cfg, self.role = cfg, role
+    people = bios.make_people(bios.BiosConfig(name="instructions", n=cfg.bios_n, seed=cfg.bios_seed))
+    group = "qa_train" if role == "train" else "qa_test"
+    self.people = [p for p in people if p["group"] == group]
+    self.all_people = [p for p in people if p["group"] in ("qa_train", "qa_test")]
+    self.story_people = stories.bios_people(cfg.bios_n, cfg.bios_seed)
+    # Relation first, then a fact of it: cities would otherwise dominate the country facts.
+    self.world_items: dict[str, list[tuple[str, str]]] = {}
+    for rel, subject, value in world.qa_items(world.WorldConfig(name="x", n_cities=cfg.world_cities)):
+      self.world_items.setdefault(rel, []).append((subject, value))
+    train, validation = _arith_problems()
+    self.problems = train if role == "train" else validation
 
-    def make(self, kind: str, rng: random.Random) -> Task:
-        return getattr(self, f"_{kind}")(rng)
+  def make(self, kind: str, rng: random.Random) -> Task:
+    return getattr(self, f"_{kind}")(rng)
 
-    def _bios(self, rng):
-        person = rng.choice(self.people)
-        attr = rng.choice(bios.ATTRIBUTES)
-        wrong = person[attr]
-        while wrong == person[attr]:
-            wrong = rng.choice(self.all_people)[attr]
-        return Task("bios", bios.QUESTIONS[attr].format(name=person["name"]), person[attr], wrong,
-                    f"wrong {attr}", {"person": person["id"], "attr": attr})
+  def _bios(self, rng):
+    person = rng.choice(self.people)
+    attr = rng.choice(bios.ATTRIBUTES)
+    wrong = person[attr]
+    while wrong == person[attr]:
+      wrong = rng.choice(self.all_people)[attr]
+    return Task("bios", bios.QUESTIONS[attr].format(name=person["name"]), person[attr], wrong,
+                f"wrong {attr}", {"person": person["id"], "attr": attr})
 
-    def _world(self, rng):
-        rel = rng.choice(sorted(self.world_items))
-        subject, value = rng.choice(self.world_items[rel])
-        template = rng.choice((0, 1, 2)) if self.role == "train" else 3
-        wrong = value
-        while wrong == value:
-            wrong = rng.choice(self.world_items[rel])[1]
-        return Task("world", world.question(rel, subject, template), value, wrong, f"wrong {rel}",
-                    {"relation": rel, "subject": subject})
+  def _world(self, rng):
+    rel = rng.choice(sorted(self.world_items))
+    subject, value = rng.choice(self.world_items[rel])
+    template = rng.choice((0, 1, 2)) if self.role == "train" else 3
+    wrong = value
+    while wrong == value:
+      wrong = rng.choice(self.world_items[rel])[1]
+    return Task("world", world.question(rel, subject, template), value, wrong, f"wrong {rel}",
+                {"relation": rel, "subject": subject})
 
-    def _arith(self, rng):
-        a, op, b = rng.choice(self.problems)
-        result = arith.solve(a, op, b)
-        wrong_result = result + rng.choice((-10, -2, -1, 1, 2, 10, 100))
-        if rng.random() < 0.5:
-            user, answer = arith.prompt_text(a, op, b), str(result)
-            wrong = str(wrong_result)
-        else:
-            user, answer = "Show your work. " + arith.prompt_text(a, op, b), arith.scratchpad(a, op, b)
-            wrong = answer.rsplit("Answer: ", 1)[0] + f"Answer: {wrong_result}"
-        return Task("arith", user, answer, wrong, "wrong result", {"a": a, "op": op, "b": b, "result": result})
+  def _arith(self, rng):
+    a, op, b = rng.choice(self.problems)
+    result = arith.solve(a, op, b)
+    wrong_result = result + rng.choice((-10, -2, -1, 1, 2, 10, 100))
+    if rng.random() < 0.5:
+      user, answer = arith.prompt_text(a, op, b), str(result)
+      wrong = str(wrong_result)
+    else:
+      user, answer = "Show your work. " + arith.prompt_text(a, op, b), arith.scratchpad(a, op, b)
+      wrong = answer.rsplit("Answer: ", 1)[0] + f"Answer: {wrong_result}"
+    return Task("arith", user, answer, wrong, "wrong result", {"a": a, "op": op, "b": b, "result": result})
 
-    def _story(self, rng):
-        openers = stories.TRAIN_OPENERS if self.role == "train" else stories.HELD_OUT_OPENERS
-        opener, rest = stories.generate_story(rng, openers, self.story_people, 0.3)
-        story = f"{opener} {rest}"
-        broken, why = _break_story(story, rng, self.story_people)
-        return Task("story", rng.choice(STORY_REQUESTS).format(opener=opener), story, broken, why,
-                    {"opener": opener})
+  def _story(self, rng):
+    openers = stories.TRAIN_OPENERS if self.role == "train" else stories.HELD_OUT_OPENERS
+    opener, rest = stories.generate_story(rng, openers, self.story_people, 0.3)
+    story = f"{opener} {rest}"
+    broken, why = _break_story(story, rng, self.story_people)
+    return Task("story", rng.choice(STORY_REQUESTS).format(opener=opener), story, broken, why,
+                {"opener": opener})
 
 
 @functools.lru_cache(maxsize=1)
 def _arith_problems():
-    return arith.problems(arith.ArithConfig(name="instructions"))
+  return arith.problems(arith.ArithConfig(name="instructions"))
 
 
 def _break_story(story: str, rng: random.Random, people) -> tuple[str, str]:
-    """The story with a false bios fact (if it states one) or with a goal left unresolved."""
-    sentences = stories._SENTENCE.split(story)
-    by_name = {p["name"]: p for p in people}
-    for i, s in enumerate(sentences):
-        readings = bios.parse_sentence(s) if i > 0 else []
-        if readings and readings[0]["name"] in by_name:
-            attr, value = readings[0]["attr"], readings[0]["value"]
-            wrong = value
-            while wrong == value:
-                wrong = rng.choice(people)[attr]
-            sentences[i] = s.replace(value, wrong)
-            return " ".join(sentences), "false bios fact"
-    done = [i for i, s in enumerate(sentences) if stories._first_match(stories._DONE_RES, s)]
-    del sentences[rng.choice(done)]
-    return " ".join(sentences), "unresolved goal"
+  """The story with a false bios fact (if it states one) or with a goal left unresolved."""
+  sentences = stories._SENTENCE.split(story)
+  by_name = {p["name"]: p for p in people}
+  for i, s in enumerate(sentences):
+    readings = bios.parse_sentence(s) if i > 0 else []
+    if readings and readings[0]["name"] in by_name:
+      attr, value = readings[0]["attr"], readings[0]["value"]
+      wrong = value
+      while wrong == value:
+        wrong = rng.choice(people)[attr]
+      sentences[i] = s.replace(value, wrong)
+      return " ".join(sentences), "false bios fact"
+  done = [i for i, s in enumerate(sentences) if stories._first_match(stories._DONE_RES, s)]
+  del sentences[rng.choice(done)]
+  return " ".join(sentences), "unresolved goal"
 
 
 def _conversation(cfg: InstructionsConfig, maker: TaskMaker, rng: random.Random) -> tuple[list[dict], Task]:
-    kinds = ("bios", "world", "arith", "story")
-    weights = (cfg.w_bios, cfg.w_world, cfg.w_arith, cfg.w_story)
-    messages = []
-    if rng.random() < cfg.system_fraction:
-        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-    if rng.random() < cfg.multi_turn_fraction:
-        earlier = maker.make(rng.choices(kinds, weights)[0], rng)
-        messages += [{"role": "user", "content": earlier.user}, {"role": "assistant", "content": earlier.answer}]
-    task = maker.make(rng.choices(kinds, weights)[0], rng)
-    messages.append({"role": "user", "content": task.user})
-    return messages, task
+  kinds = ("bios", "world", "arith", "story")
+  weights = (cfg.w_bios, cfg.w_world, cfg.w_arith, cfg.w_story)
+  messages = []
+  if rng.random() < cfg.system_fraction:
+    messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+  if rng.random() < cfg.multi_turn_fraction:
+    earlier = maker.make(rng.choices(kinds, weights)[0], rng)
+    messages += [{"role": "user", "content": earlier.user}, {"role": "assistant", "content": earlier.answer}]
+  task = maker.make(rng.choices(kinds, weights)[0], rng)
+  messages.append({"role": "user", "content": task.user})
+  return messages, task
 
 
 def _validate(cfg: InstructionsConfig):
-    if min(cfg.w_bios, cfg.w_world, cfg.w_arith, cfg.w_story) < 0 or \
-            cfg.w_bios + cfg.w_world + cfg.w_arith + cfg.w_story <= 0:
-        raise ValueError("instructions: task weights w_bios, w_world, w_arith, w_story must be >= 0, sum > 0")
+  if min(cfg.w_bios, cfg.w_world, cfg.w_arith, cfg.w_story) < 0 or \
+          cfg.w_bios + cfg.w_world + cfg.w_arith + cfg.w_story <= 0:
+    raise ValueError("instructions: task weights w_bios, w_world, w_arith, w_story must be >= 0, sum > 0")
 
 
 def conversations(cfg: InstructionsConfig, split: str, salt: str) -> Iterator[tuple[list[dict], Task]]:
-    _validate(cfg)
-    role = "train" if split == "train" else "held_out"
-    maker = TaskMaker(cfg, role)
-    count = cfg.n_train if split == "train" else cfg.n_validation
-    for i in range(count):
-        yield _conversation(cfg, maker, random.Random(f"{salt}/{cfg.seed}/{split}/{i}"))
+  _validate(cfg)
+  role = "train" if split == "train" else "held_out"
+  maker = TaskMaker(cfg, role)
+  count = cfg.n_train if split == "train" else cfg.n_validation
+  for i in range(count):
+    yield _conversation(cfg, maker, random.Random(f"{salt}/{cfg.seed}/{split}/{i}"))
 
 
 class LlmstagesInstructions(corpus.CorpusBuilder):
-    """Chat-format instruction data (see the module docstring)."""
+  """Chat-format instruction data (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    CONFIG_CLASS = InstructionsConfig
-    SPLITS = ("train", "validation")
-    DESCRIPTION = __doc__
+  VERSION = tfds.core.Version("1.0.0")
+  CONFIG_CLASS = InstructionsConfig
+  SPLITS = ("train", "validation")
+  DESCRIPTION = __doc__
 
-    @classmethod
-    def config_prefix(cls, kwargs: dict) -> str:
-        return f"n{kwargs['n_train']}_s{kwargs['seed']}_b{kwargs['bios_n']}"
+  @classmethod
+  def config_prefix(cls, kwargs: dict) -> str:
+    return f"n{kwargs['n_train']}_s{kwargs['seed']}_b{kwargs['bios_n']}"
 
-    def metadata(self) -> dict:
-        return {"corpus": "instructions", "chat_tokens": list(chat.CHAT_TOKENS), "arguments": self.kwargs}
+  def metadata(self) -> dict:
+    return {"corpus": "instructions", "chat_tokens": list(chat.CHAT_TOKENS), "arguments": self.kwargs}
 
-    def split_records(self, split: str) -> Iterator[dict]:
-        for i, (messages, task) in enumerate(conversations(self.builder_config, split, "instructions")):
-            text = chat.format_chat(messages + [{"role": "assistant", "content": task.answer}])
-            yield corpus.record(i, format="chat", text=text,
-                                meta={"kind": task.kind, "answer": task.answer, **task.meta})
+  def split_records(self, split: str) -> Iterator[dict]:
+    for i, (messages, task) in enumerate(conversations(self.builder_config, split, "instructions")):
+      text = chat.format_chat(messages + [{"role": "assistant", "content": task.answer}])
+      yield corpus.record(i, format="chat", text=text,
+                          meta={"kind": task.kind, "answer": task.answer, **task.meta})
 
 
 class LlmstagesPreferences(corpus.CorpusBuilder):
-    """(prompt, chosen, rejected) triples (see the module docstring)."""
+  """(prompt, chosen, rejected) triples (see the module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    CONFIG_CLASS = InstructionsConfig
-    SPLITS = ("train", "validation")
-    DESCRIPTION = __doc__
+  VERSION = tfds.core.Version("1.0.0")
+  CONFIG_CLASS = InstructionsConfig
+  SPLITS = ("train", "validation")
+  DESCRIPTION = __doc__
 
-    @classmethod
-    def config_prefix(cls, kwargs: dict) -> str:
-        return f"n{kwargs['n_train']}_s{kwargs['seed']}_b{kwargs['bios_n']}"
+  @classmethod
+  def config_prefix(cls, kwargs: dict) -> str:
+    return f"n{kwargs['n_train']}_s{kwargs['seed']}_b{kwargs['bios_n']}"
 
-    def metadata(self) -> dict:
-        return {"corpus": "preferences", "chat_tokens": list(chat.CHAT_TOKENS), "arguments": self.kwargs}
+  def metadata(self) -> dict:
+    return {"corpus": "preferences", "chat_tokens": list(chat.CHAT_TOKENS), "arguments": self.kwargs}
 
-    def split_records(self, split: str) -> Iterator[dict]:
-        for i, (messages, task) in enumerate(conversations(self.builder_config, split, "preferences")):
-            prompt = chat.format_chat(messages, add_generation_prompt=True)
-            yield corpus.record(i, format="pref", prompt=prompt, completion=f" {task.answer}{chat.END}",
-                                rejected=f" {task.wrong}{chat.END}",
-                                meta={"kind": task.kind, "answer": task.answer, "why_rejected": task.why_wrong,
-                                      **task.meta})
+  def split_records(self, split: str) -> Iterator[dict]:
+    for i, (messages, task) in enumerate(conversations(self.builder_config, split, "preferences")):
+      prompt = chat.format_chat(messages, add_generation_prompt=True)
+      yield corpus.record(i, format="pref", prompt=prompt, completion=f" {task.answer}{chat.END}",
+                          rejected=f" {task.wrong}{chat.END}",
+                          meta={"kind": task.kind, "answer": task.answer, "why_rejected": task.why_wrong,
+                                **task.meta})

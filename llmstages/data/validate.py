@@ -18,49 +18,49 @@ from llmstages.data import jsonl, pipeline, sources
 
 
 def describe(path: str, fmt: str | None, tokenizer=None, seq_len: int = 0) -> list[str]:
-    formats, records = jsonl.read_jsonl(path, fmt)
-    lines = [f"{path}: {len(records)} examples OK ({', '.join(f'{n} {f}' for f, n in formats.items())})"]
-    chats = [r for r in records if r["format"] == "chat"]
-    if chats:
-        from llmstages.data import chat
-        roles = collections.Counter()
-        turns = []
-        for r in chats:
-            segs = [piece for piece, _ in chat.chat_segments(r["text"])]
-            counts = collections.Counter(role for role, tag in chat.ROLES.items() for s in segs if s.startswith(tag))
-            roles.update(counts)
-            turns.append(sum(counts.values()))
-        lines.append(f"  messages per example: min {min(turns)}, max {max(turns)}, mean {sum(turns) / len(turns):.1f};"
-                     f" roles: {dict(roles)}")
-    if tokenizer is not None:
-        sizes = [len(pipeline.tokenize_document(tokenizer, sources.record_to_document(r))[0]) for r in records]
-        lines.append(f"  tokens: {sum(sizes):,} in all, longest {max(sizes)}, mean {sum(sizes) / len(sizes):.1f}")
-        if seq_len:
-            long = [r["line"] for r, n in zip(records, sizes) if n - 1 > seq_len]
-            lines.append(f"  {len(long)} longer than seq_len={seq_len}" + (f" (lines {long[:10]})" if long else ""))
-    return lines
+  formats, records = jsonl.read_jsonl(path, fmt)
+  lines = [f"{path}: {len(records)} examples OK ({', '.join(f'{n} {f}' for f, n in formats.items())})"]
+  chats = [r for r in records if r["format"] == "chat"]
+  if chats:
+    from llmstages.data import chat
+    roles = collections.Counter()
+    turns = []
+    for r in chats:
+      segs = [piece for piece, _ in chat.chat_segments(r["text"])]
+      counts = collections.Counter(role for role, tag in chat.ROLES.items() for s in segs if s.startswith(tag))
+      roles.update(counts)
+      turns.append(sum(counts.values()))
+    lines.append(f"  messages per example: min {min(turns)}, max {max(turns)}, mean {sum(turns) / len(turns):.1f};"
+                 f" roles: {dict(roles)}")
+  if tokenizer is not None:
+    sizes = [len(pipeline.tokenize_document(tokenizer, sources.record_to_document(r))[0]) for r in records]
+    lines.append(f"  tokens: {sum(sizes):,} in all, longest {max(sizes)}, mean {sum(sizes) / len(sizes):.1f}")
+    if seq_len:
+      long = [r["line"] for r, n in zip(records, sizes) if n - 1 > seq_len]
+      lines.append(f"  {len(long)} longer than seq_len={seq_len}" + (f" (lines {long[:10]})" if long else ""))
+  return lines
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmstages.data.validate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="+")
-    parser.add_argument("--format", choices=jsonl.FORMATS, default=None, help="require every line in this format")
-    parser.add_argument("--tokenizer", default=None, help="a SentencePiece model for token counts")
-    parser.add_argument("--seq_len", type=int, default=0, help="report examples longer than this many tokens")
-    args = parser.parse_args(argv)
-    tokenizer = None
-    if args.tokenizer:
-        from llmstages.data.tokenizer import Tokenizer
-        tokenizer = Tokenizer.load(args.tokenizer)
-    failed = False
-    for path in args.files:
-        try:
-            print("\n".join(describe(path, args.format, tokenizer, args.seq_len)))
-        except (ValueError, FileNotFoundError, OSError) as e:
-            print(f"INVALID {e}", file=sys.stderr)
-            failed = True
-    return 1 if failed else 0
+  parser = argparse.ArgumentParser(prog="python -m llmstages.data.validate", description=__doc__.split("\n\n")[0])
+  parser.add_argument("files", nargs="+")
+  parser.add_argument("--format", choices=jsonl.FORMATS, default=None, help="require every line in this format")
+  parser.add_argument("--tokenizer", default=None, help="a SentencePiece model for token counts")
+  parser.add_argument("--seq_len", type=int, default=0, help="report examples longer than this many tokens")
+  args = parser.parse_args(argv)
+  tokenizer = None
+  if args.tokenizer:
+    from llmstages.data.tokenizer import Tokenizer
+    tokenizer = Tokenizer.load(args.tokenizer)
+  failed = False
+  for path in args.files:
+    try:
+      print("\n".join(describe(path, args.format, tokenizer, args.seq_len)))
+    except (ValueError, FileNotFoundError, OSError) as e:
+      print(f"INVALID {e}", file=sys.stderr)
+      failed = True
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())
