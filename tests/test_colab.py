@@ -26,7 +26,8 @@ def _source(nb, kind: str = "code") -> str:
 
 
 def test_there_are_notebooks():
-  assert [os.path.basename(p) for p in NOTEBOOKS] == ["01_pipeline.ipynb", "02_sweep_and_compare.ipynb"]
+  assert [os.path.basename(p) for p in NOTEBOOKS] == ["01_pipeline.ipynb", "02_sweep_and_compare.ipynb",
+                                                            "03_finetune_hf.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -162,3 +163,32 @@ def test_sweep_notebook_runs(kernel_env, tmp_path, record_property):
   log = _text(_outputs(nb, "llmstages.sweep"))
   progress = [line for line in log.splitlines() if line.startswith("[sweep]") and "| elapsed" in line]
   assert len(progress) <= 3 * len(runs) + 2 + seconds / 30, f"{len(progress)} progress lines in {seconds:.0f} s"
+
+
+def _train_lines(workdir) -> list[str]:
+  return (workdir / "capitals_train.jsonl").read_text().splitlines()
+
+
+def test_finetune_notebook_runs(kernel_env, tmp_path, record_property):
+  nb, seconds = execute("03_finetune_hf.ipynb", tmp_path)
+  record_property("seconds", round(seconds))
+  workdir = tmp_path / "llmstages_finetune"
+  assert sorted(os.listdir(tmp_path)) == ["executed_03_finetune_hf.ipynb", "llmstages_finetune"]
+  assert json.loads((workdir / "pipeline.json").read_text())["stages"] == ["base", "instruct"]
+  assert "1 cpu device(s)" in _text(_outputs(nb, "print(jax.devices())"))
+  assert f"{len(_train_lines(workdir))} examples OK" in _text(_outputs(nb, "llmstages.data.validate"))
+  baseline = _text(_outputs(nb, "scores[f\"base, {k}-shot, held-out\"]"))
+  assert "base 0-shot: " in baseline and "base 4-shot: " in baseline
+  # LoRA moved the model: the loss on assistant tokens fell over the stage.
+  loss_line = next(l for l in _text(_outputs(nb, "plt.plot(steps, losses")).splitlines() if "train/loss" in l)
+  first, last = (float(x) for x in loss_line.split()[1::2])
+  assert last < first - 0.5, loss_line
+  assert _pngs(_outputs(nb, "plt.plot(steps, losses")) == 1
+  after = _text(_outputs(nb, "fine-tune minus the best baseline"))
+  assert "instruct, 0-shot, held-out" in after and "instruct, 0-shot, training countries" in after
+  # The PEFT adapter over the imported model gives the merged export's logits.
+  export = workdir / "export"
+  assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(export / "adapter"))
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(export / "merged"))
+  gap_line = next(l for l in _text(_outputs(nb, "peft.PeftModel.from_pretrained")).splitlines() if "max |logit" in l)
+  assert float(gap_line.rsplit("=", 1)[1]) < 1e-4, gap_line
