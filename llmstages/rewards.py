@@ -9,7 +9,8 @@ request). A sample's reward is the sum of the functions that apply; each is logg
             normalization)
     story   1 if the story parses under the story grammar, resolves every goal and states only true bios facts
 
-Adding one is a decorated function: `@register('name') def fn(completion, prompt) -> float | None`.
+Adding one is a decorated function: `@register('name') def fn(completion, prompt) -> float | None`; the functions
+live in the one registry (`llmstages.registry`, category 'reward'), and `get` / `names` read it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import dataclasses
 import functools
 from typing import Callable
 
-from llmstages import text
-
-_REGISTRY: dict[str, Callable] = {}
+from llmstages import registry, text
+from llmstages.data import arith, chat, stories
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,33 +39,28 @@ class Prompt:
     return f"record {self.index} of {self.source!r} ({self.kind or 'unknown kind'}: {self.text[-80:]!r})"
 
 
-def register(name: str):
-  def wrap(fn):
-    if name in _REGISTRY:
-      raise ValueError(f"reward function {name!r} is registered twice")
-    _REGISTRY[name] = fn
-    return fn
-  return wrap
+def register(name: str) -> Callable[[Callable], Callable]:
+  """Decorator: registers a reward function as `name` (registry category 'reward')."""
+  return registry.register("reward", name)
 
 
-def get(name: str) -> Callable:
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown reward function {name!r}; known: {sorted(_REGISTRY)}")
-  return _REGISTRY[name]
+def get(name: str, where: str = "") -> Callable:
+  """The reward function `name`; `where` names the config key that asked (unknown names list the known ones)."""
+  return registry.get("reward", name, where=where)
 
 
 def names() -> list[str]:
-  return sorted(_REGISTRY)
+  return registry.names("reward")
 
 
 class RewardError(RuntimeError):
   pass
 
 
-def score(names_: tuple[str, ...], completion: str, prompt: Prompt, where: str) -> dict[str, float | None]:
+def score(reward_names: tuple[str, ...], completion: str, prompt: Prompt, where: str) -> dict[str, float | None]:
   """{function: reward or None}; a function that raises becomes a RewardError naming it, the stage and the item."""
   out = {}
-  for name in names_:
+  for name in reward_names:
     try:
       value = get(name)(completion, prompt)
     except Exception as e:
@@ -77,13 +72,11 @@ def score(names_: tuple[str, ...], completion: str, prompt: Prompt, where: str) 
 
 def completion_text(text: str) -> str:
   """The reply: text up to the first `<|end|>` (the chat template's end of turn)."""
-  from llmstages.data import chat
   return text.split(chat.END, 1)[0]
 
 
 @register("arith")
 def arith_correct(completion: str, prompt: Prompt) -> float | None:
-  from llmstages.data import arith
   if prompt.kind == "arith":
     result = int(prompt.answer)
   elif not prompt.kind and arith.parse_prompt(prompt.text) is not None:
@@ -102,13 +95,11 @@ def fact_exact_match(completion: str, prompt: Prompt) -> float | None:
 
 @functools.lru_cache(maxsize=4)
 def _story_people(bios_n: int, bios_seed: int):
-  from llmstages.data import stories
   return stories.bios_people(bios_n, bios_seed)
 
 
 @register("story")
 def story_valid(completion: str, prompt: Prompt) -> float | None:
-  from llmstages.data import stories
   if prompt.kind != "story":
     return None
   story = f"{prompt.text} {completion.strip()}" if prompt.meta.get("opener_in_prompt") else completion.strip()

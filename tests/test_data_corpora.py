@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from llmstages import data
+from llmstages import data, registry
 from llmstages.data import arith, bios, chat, corpus, sources, stories, world
 
 WORLD = "world(n_cities=300)"
@@ -249,6 +249,17 @@ def test_tfds_catalog_source_with_mock_data(data_dir):
         assert first in {src.record(i)["text"] for i in range(6)}
         info = data.source_info("tfds:imdb_reviews:train", data_dir)
         assert info["kind"] == "tfds"
+
+
+def test_source_names_live_in_the_registry(data_dir):
+    # Each corpus module registers its names next to its builder; data.SOURCES is a view of the registry.
+    assert sorted(data.SOURCES) == registry.names("source")
+    assert data.SOURCES["bios_qa"].builder is bios.LlmstagesBios
+    assert data.SOURCES["arith_scratchpad"].defaults == {"format": "scratchpad"}
+    with pytest.raises(ValueError, match="registered twice"):
+        sources.register_source("bios", bios.LlmstagesBios)
+    # A corpus's config name (its directory) is fixed by its arguments: built corpora stay where they are.
+    assert data.source_info("arith(n_train=80,n_validation=10)", data_dir)["config"] == "answer_n80_s0_b6b1993b9e"
 
 
 def test_named_sources_map_splits(data_dir):

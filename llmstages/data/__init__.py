@@ -44,16 +44,18 @@ bios_n / bios_seed of the pretraining bios corpus so that they talk about the sa
 
 Corpora are TFDS `GeneratorBasedBuilder`s built with `file_format='array_record'` into `data_dir` on first use
 and read with `as_data_source` (no TensorFlow needed); TFDS shows tqdm progress bars while building. Modules:
-`corpus` (shared builder machinery), `bios`, `world`, `arith`, `stories`, `instructions` (also preferences),
-`sources` (specs, documents, files, TFDS catalog), `registry` (the table of names), `chat` (chat template),
-`tokenizer`, `pipeline` (iterators), `bench` (`python -m llmstages.data.bench`).
+`corpus` (shared builder machinery), `bios` (and `bios_pools`), `world`, `arith`, `stories`, `instructions` (also
+preferences), each registering its source names (registry category 'source') next to its builder; `sources`
+(specs, documents, files, TFDS catalog), `chat` (chat template), `tokenizer`, `loader` (batch iterators), `bench`
+(`python -m llmstages.data.bench`). This package imports every corpus module, so the source names are registered.
 """
 
-from llmstages.data import registry as _registry  # noqa: F401  (fills the source table)
+# The corpus modules register their source names when imported.
+from llmstages.data import arith, bios, instructions, stories, world  # noqa: F401
 from llmstages.data.chat import CHAT_TOKENS, format_chat
 from llmstages.data.hf_tokenizer import HFTokenizer
-from llmstages.data.pipeline import (BatchIterator, PreferenceIterator, make_iterator, make_preference_iterator,
-                                     tokenize_document)
+from llmstages.data.loader import (BatchIterator, PreferenceIterator, make_iterator, make_preference_iterator,
+                                   tokenize_document)
 from llmstages.data.sources import SOURCES, open_source, parse_mixture, parse_source, source_info
 from llmstages.data.tokenizer import Tokenizer, get_tokenizer
 

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from llmstages.data import corpus
+from llmstages.data import corpus, sources
 
 _PROMPT = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
 
@@ -148,14 +148,8 @@ def verify(prompt: str, answer: str) -> bool:
 class LlmstagesArith(corpus.CorpusBuilder):
   """Addition/subtraction problems (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
   CONFIG_CLASS = ArithConfig
-  SPLITS = ("train", "validation")
-  DESCRIPTION = __doc__
-
-  @classmethod
-  def config_prefix(cls, kwargs: dict) -> str:
-    return f"{kwargs['format']}_n{kwargs['n_train']}_s{kwargs['seed']}"
+  CONFIG_PREFIX = "{format}_n{n_train}_s{seed}"
 
   def metadata(self) -> dict:
     cfg = self.builder_config
@@ -169,3 +163,8 @@ class LlmstagesArith(corpus.CorpusBuilder):
       yield corpus.record(i, format="pc", prompt=prompt_text(a, op, b),
                           completion=completion_text(a, op, b, cfg.format),
                           meta={"a": a, "op": op, "b": b, "answer": solve(a, op, b)})
+
+
+sources.register_source("arith", LlmstagesArith, doc="2-3 digit +/- problems, answer only (prompt/completion)")
+sources.register_source("arith_scratchpad", LlmstagesArith, format="scratchpad",
+                        doc="arith with a column-wise scratchpad")

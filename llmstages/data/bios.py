@@ -1,8 +1,8 @@
 """The `bios` corpus: N synthetic people with uniform, independent attributes (after Physics of LMs 3.1/3.3, bioS).
 
-Owns the name and value pools, the people table, biography rendering in three formats, QA pairs, the people
-groups (QA-train / QA-test / new / never seen), a parser that reads facts back out of rendered text, and the
-`LlmstagesBios` TFDS builder.
+Owns the people table, biography rendering in three formats, QA pairs, the people groups (QA-train / QA-test /
+new / never seen), a parser that reads facts back out of rendered text, the `LlmstagesBios` TFDS builder and its
+source names (bios, bios_new, bios_qa, bios_qa_new, bios_qa_unseen). The name and value pools are `bios_pools`.
 
 People. Names are first x middle x last, drawn without replacement from synthetic syllable pools of sizes
 `n_first`, `n_middle`, `n_last` (N0 = their product). Each person has a pronoun (he/she) and six attributes:
@@ -28,6 +28,7 @@ person of the group and attribute ("What is the birth city of F M L?" -> " Velma
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import re
@@ -36,7 +37,8 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from llmstages.data import corpus
+from llmstages.data import corpus, sources
+from llmstages.data.bios_pools import Pools, make_pools
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "employer_city")
 # Attributes whose value carries bits (employer_city is a function of employer); pronoun is handled separately.
@@ -72,42 +74,6 @@ QUESTIONS = {
     "employer_city": "Where did {name} work?",
 }
 
-_MAJORS = (
-    "Accounting", "Aerospace Engineering", "African Studies", "Agricultural Science", "Anthropology",
-    "Applied Mathematics", "Archaeology", "Architecture", "Art History", "Astronomy", "Biochemistry",
-    "Bioengineering", "Biology", "Biomedical Engineering", "Biophysics", "Botany", "Business Administration",
-    "Chemical Engineering", "Chemistry", "Civil Engineering", "Classics", "Cognitive Science",
-    "Communications", "Comparative Literature", "Computer Engineering", "Computer Science", "Creative Writing",
-    "Criminology", "Dance", "Data Science", "Dentistry", "Earth Sciences", "Ecology", "Economics", "Education",
-    "Electrical Engineering", "English Literature", "Entomology", "Environmental Science", "Epidemiology",
-    "Ethnomusicology", "Film Studies", "Finance", "Fine Arts", "Food Science", "Forestry", "French", "Genetics",
-    "Geography", "Geology", "German", "Graphic Design", "Health Sciences", "History", "Hospitality Management",
-    "Industrial Design", "Industrial Engineering", "Information Systems", "International Relations",
-    "Journalism", "Kinesiology", "Landscape Architecture", "Linguistics", "Marine Biology", "Marketing",
-    "Materials Science", "Mathematics", "Mechanical Engineering", "Medicine", "Meteorology", "Microbiology",
-    "Music", "Neuroscience", "Nuclear Engineering", "Nursing", "Nutrition", "Oceanography", "Pharmacology",
-    "Philosophy", "Physics", "Physiology", "Political Science", "Psychology", "Public Health",
-    "Public Policy", "Religious Studies", "Robotics", "Social Work", "Sociology", "Software Engineering",
-    "Spanish", "Statistics", "Supply Chain Management", "Theater", "Toxicology", "Urban Planning",
-    "Veterinary Science", "Visual Arts", "Wildlife Biology", "Zoology")
-
-_ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "ch",
-           "cl", "dr", "fr", "gr", "kr", "pr", "sh", "st", "th", "tr", "bl", "gl", "sl", "sp")
-_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ea", "ou", "io")
-_ENDINGS = {
-    "first": ("a", "o", "en", "ie", "is", "an", "el", "ia", "on", "ar", "ine", "ette"),
-    "middle": ("ley", "ric", "wyn", "ell", "ard", "ian", "ora", "isse", "ius", "ane"),
-    "last": ("son", "ley", "er", "ton", "berg", "wood", "man", "ford", "ski", "ner", "well", "stein", "ridge"),
-    "city": ("ton", "ville", "port", "field", "haven", "burg", "mouth", "dale", "bridge", "stead", "wick"),
-    "univ": ("ia", "or", "um", "ell", "ack"),
-    "employer": ("ex", "ix", "on", "ara", "ium", "ent", "ora"),
-}
-_UNIVERSITY_FORMS = ("University of {w}", "{w} University", "{w} Institute of Technology", "{w} College",
-                     "{w} State University")
-_EMPLOYER_FORMS = ("{w} Corporation", "{w} Industries", "{w} Labs", "{w} Systems", "{w} Group", "{w} Dynamics",
-                   "{w} Holdings", "{w} Foods", "{w} Motors", "{w} Networks")
-
-
 @dataclasses.dataclass
 class BiosConfig(tfds.core.BuilderConfig):
   n: int = 2000                  # pretraining people (QA-train + QA-test)
@@ -124,56 +90,6 @@ class BiosConfig(tfds.core.BuilderConfig):
   n_universities: int = 300
   n_majors: int = 100
   n_employers: int = 263
-
-
-@dataclasses.dataclass(frozen=True)
-class Pools:
-  """Name and value pools; a function of the pool sizes only."""
-  first: tuple[str, ...]
-  middle: tuple[str, ...]
-  last: tuple[str, ...]
-  cities: tuple[str, ...]
-  universities: tuple[str, ...]
-  majors: tuple[str, ...]
-  employers: tuple[str, ...]
-  employer_city: tuple[int, ...]  # city index of each employer
-
-
-def _words(kind: str, count: int, rng: random.Random, taken: set[str]) -> list[str]:
-  """`count` distinct capitalized synthetic words of one flavour, disjoint from `taken` (updated)."""
-  out: list[str] = []
-  attempts = 0
-  while len(out) < count:
-    attempts += 1
-    if attempts > 200 * count + 10000:
-      raise ValueError(f"bios: cannot make {count} distinct {kind} words; use a smaller pool size")
-    syllables = rng.choice((1, 2, 2, 2, 3)) if kind != "univ" else rng.choice((1, 2))
-    word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
-    word = (word + rng.choice(_ENDINGS[kind])).capitalize()
-    if word not in taken:
-      taken.add(word)
-      out.append(word)
-  return out
-
-
-def make_pools(cfg: BiosConfig) -> Pools:
-  rng = random.Random(f"bios-pools/{cfg.n_first}/{cfg.n_middle}/{cfg.n_last}/{cfg.n_cities}/"
-                      f"{cfg.n_universities}/{cfg.n_majors}/{cfg.n_employers}")
-  taken: set[str] = set()
-  first = _words("first", cfg.n_first, rng, taken)
-  middle = _words("middle", cfg.n_middle, rng, taken)
-  last = _words("last", cfg.n_last, rng, taken)
-  cities = _words("city", cfg.n_cities, rng, taken)
-  univ_stems = _words("univ", cfg.n_universities, rng, taken)
-  universities = [_UNIVERSITY_FORMS[i % len(_UNIVERSITY_FORMS)].format(w=w) for i, w in enumerate(univ_stems)]
-  majors = list(_MAJORS[:cfg.n_majors])
-  if cfg.n_majors > len(_MAJORS):
-    majors += [f"{w} Studies" for w in _words("univ", cfg.n_majors - len(_MAJORS), rng, taken)]
-  emp_stems = _words("employer", cfg.n_employers, rng, taken)
-  employers = [_EMPLOYER_FORMS[i % len(_EMPLOYER_FORMS)].format(w=w) for i, w in enumerate(emp_stems)]
-  employer_city = [rng.randrange(cfg.n_cities) for _ in range(cfg.n_employers)]
-  return Pools(tuple(first), tuple(middle), tuple(last), tuple(cities), tuple(universities), tuple(majors),
-               tuple(employers), tuple(employer_city))
 
 
 def resolved_counts(cfg: BiosConfig) -> dict[str, int]:
@@ -357,25 +273,20 @@ class LlmstagesBios(corpus.CorpusBuilder):
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.1.0": "metadata names the format and seed (evaluators re-render training biographies)"}
   CONFIG_CLASS = BiosConfig
+  CONFIG_PREFIX = "{format}_n{n}_s{seed}"
   SPLITS = ("train", "validation", "new", "qa_train", "qa_test", "qa_new", "qa_unseen")
-  DESCRIPTION = __doc__
 
-  @classmethod
-  def config_prefix(cls, kwargs: dict) -> str:
-    return f"{kwargs['format']}_n{kwargs['n']}_s{kwargs['seed']}"
-
+  @functools.cached_property
   def _people(self) -> list[dict]:
-    if not hasattr(self, "_people_cache"):
-      self._people_cache = make_people(self.builder_config)
-    return self._people_cache
+    return make_people(self.builder_config)
 
   def metadata(self) -> dict:
-    return bios_info(self.builder_config, self._people())
+    return bios_info(self.builder_config, self._people)
 
   def split_records(self, split: str) -> Iterator[dict]:
     cfg = self.builder_config
     counts = resolved_counts(cfg)
-    people = self._people()
+    people = self._people
     if split in ("train", "validation", "new"):
       group = {"train": ("qa_train", "qa_test"), "validation": ("unseen",), "new": ("new",)}[split]
       variants = 1 if split == "validation" else counts["variants"]
@@ -415,3 +326,15 @@ def bios_info(cfg: BiosConfig, people: list[dict] | None = None) -> dict:
       "questions": dict(QUESTIONS), "templates": {a: list(t) for a, t in TEMPLATES.items()},
       "facts": people,
   }
+
+
+sources.register_source("bios", LlmstagesBios, train="train", validation="validation",
+                        doc="biographies of the N pretraining people; validation: never-seen people's biographies")
+sources.register_source("bios_new", LlmstagesBios, train="new", validation="validation",
+                        doc="biographies of the new people (continued pretraining)")
+sources.register_source("bios_qa", LlmstagesBios, train="qa_train", validation="qa_test",
+                        doc="QA prompt/completion pairs: QA-train people; validation: QA-test people (extraction)")
+sources.register_source("bios_qa_new", LlmstagesBios, train="qa_new", validation="qa_new",
+                        doc="QA pairs about the new people")
+sources.register_source("bios_qa_unseen", LlmstagesBios, train="qa_unseen", validation="qa_unseen",
+                        doc="QA pairs about never-seen people (hallucination probes)")

@@ -15,15 +15,17 @@ Every llmstages corpus (bios, world, arith, stories, instructions, preferences) 
 
 A corpus config is a dataclass of keyword arguments (`n`, `seed`, ...). Its TFDS config name is derived from the
 arguments (a readable prefix and a hash of all of them), so every distinct argument set is built once into
-`data_dir/<builder>/<config>/<version>` with `file_format='array_record'` and reused afterwards; a file lock makes
-concurrent first uses (several processes) build it once. No TensorFlow is needed.
+`data_dir/<builder>/<config>/<version>` with `file_format='array_record'` and reused afterwards; a file lock
+(`filelock.FileLock`) makes concurrent first uses (several processes) build it once. No TensorFlow is needed.
+
+A corpus module states only what is its own: the config dataclass, `CONFIG_PREFIX`, `SPLITS`, `split_records` and
+`metadata`; the TFDS side (features, split generators, the description, which is the module's docstring) is here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,6 +33,7 @@ import os
 import sys
 from typing import Iterator
 
+import filelock
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -63,14 +66,15 @@ def config_name(prefix: str, kwargs: dict) -> str:
 
 
 class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Base class of every generated corpus. Subclasses set `CONFIG_CLASS` and implement `split_records` and
-  `metadata`; `config_prefix` may be overridden for readable directory names."""
+  """Base class of every generated corpus. A subclass sets `CONFIG_CLASS` (a `tfds.core.BuilderConfig` dataclass
+  of the corpus arguments), `CONFIG_PREFIX` (a format string over those arguments: the readable part of the
+  config name) and `SPLITS` when not train/validation, and implements `split_records` (and `metadata`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS: list = []
   CONFIG_CLASS: type = tfds.core.BuilderConfig
+  CONFIG_PREFIX = "cfg"
   SPLITS: tuple[str, ...] = ("train", "validation")
-  DESCRIPTION = ""
 
   # --- to implement -----------------------------------------------------------------------------------------
   def split_records(self, split: str) -> Iterator[dict]:
@@ -83,7 +87,7 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   @classmethod
   def config_prefix(cls, kwargs: dict) -> str:
-    return "cfg"
+    return cls.CONFIG_PREFIX.format(**kwargs)
 
   # --- TFDS plumbing -------------------------------------------------------------------------------------------
   @tfds.core.utils.classproperty
@@ -103,7 +107,8 @@ class CorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     features = tfds.features.FeaturesDict({
         "index": np.int64, **{key: tfds.features.Text() for key in _STRING_FIELDS}})
-    return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION, features=features,
+    description = sys.modules[type(self).__module__].__doc__  # The corpus module's docstring describes it.
+    return tfds.core.DatasetInfo(builder=self, description=description, features=features,
                                  metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
@@ -142,7 +147,7 @@ def builder_for(builder_cls: type[CorpusBuilder], kwargs: dict, data_dir: str) -
     builder = builder_cls(config=config, data_dir=data_dir)
     if not builder.is_prepared():
       os.makedirs(data_dir, exist_ok=True)
-      with file_lock(os.path.join(data_dir, f".{builder.name}.{config.name}.lock")):
+      with filelock.FileLock(os.path.join(data_dir, f".{builder.name}.{config.name}.lock")):
         builder = builder_cls(config=config, data_dir=data_dir)  # Re-check after waiting on the lock.
         if not builder.is_prepared():
           # TFDS's nested tqdm bars flood a log file; keep them for terminals only.
@@ -151,17 +156,6 @@ def builder_for(builder_cls: type[CorpusBuilder], kwargs: dict, data_dir: str) -
           builder.download_and_prepare(file_format="array_record")
           builder = builder_cls(config=config, data_dir=data_dir)
   return builder
-
-
-@contextlib.contextmanager
-def file_lock(path: str):
-  """An exclusive advisory lock on `path`, held for the `with` block (processes on one machine / NFS)."""
-  with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -97,13 +97,6 @@ class HFTokenizer:
       return self._tok.encode(text, add_special_tokens=False).ids
     return self._sp.encode(text)
 
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    if self.chat_template:
-      return [self.encode(t) for t in texts]
-    if self._tok is not None:
-      return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-    return self._sp.encode(texts)
-
   def decode(self, ids) -> str:
     """Text of `ids`; pad/bos/eos are dropped, ids past the vocabulary decode as the unknown token."""
     drop = (self.pad_id, self.bos_id, self.eos_id)

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from llmstages.data import arith, bios, chat, corpus, stories, world
+from llmstages.data import arith, bios, chat, corpus, sources, stories, world
 
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly and accurately.",
                   "You are a knowledgeable and creative assistant.")
@@ -174,14 +174,8 @@ def conversations(cfg: InstructionsConfig, split: str, salt: str) -> Iterator[tu
 class LlmstagesInstructions(corpus.CorpusBuilder):
   """Chat-format instruction data (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
   CONFIG_CLASS = InstructionsConfig
-  SPLITS = ("train", "validation")
-  DESCRIPTION = __doc__
-
-  @classmethod
-  def config_prefix(cls, kwargs: dict) -> str:
-    return f"n{kwargs['n_train']}_s{kwargs['seed']}_b{kwargs['bios_n']}"
+  CONFIG_PREFIX = "n{n_train}_s{seed}_b{bios_n}"
 
   def metadata(self) -> dict:
     return {"corpus": "instructions", "chat_tokens": list(chat.CHAT_TOKENS), "arguments": self.kwargs}
@@ -196,14 +190,8 @@ class LlmstagesInstructions(corpus.CorpusBuilder):
 class LlmstagesPreferences(corpus.CorpusBuilder):
   """(prompt, chosen, rejected) triples (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
   CONFIG_CLASS = InstructionsConfig
-  SPLITS = ("train", "validation")
-  DESCRIPTION = __doc__
-
-  @classmethod
-  def config_prefix(cls, kwargs: dict) -> str:
-    return f"n{kwargs['n_train']}_s{kwargs['seed']}_b{kwargs['bios_n']}"
+  CONFIG_PREFIX = "n{n_train}_s{seed}_b{bios_n}"
 
   def metadata(self) -> dict:
     return {"corpus": "preferences", "chat_tokens": list(chat.CHAT_TOKENS), "arguments": self.kwargs}
@@ -215,3 +203,9 @@ class LlmstagesPreferences(corpus.CorpusBuilder):
                           rejected=f" {task.wrong}{chat.END}",
                           meta={"kind": task.kind, "answer": task.answer, "why_rejected": task.why_wrong,
                                 **task.meta})
+
+
+sources.register_source("instructions", LlmstagesInstructions,
+                        doc="chat tasks (fact QA, stories, arithmetic); loss on assistant")
+sources.register_source("preferences", LlmstagesPreferences,
+                        doc="(prompt, chosen, rejected); as LM documents prompt + chosen")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from llmstages.data import pipeline, sources
+from llmstages.data import loader, sources
 
 TOO_LONG = ("auto", "error", "truncate", "chunk")
 
@@ -43,7 +43,7 @@ def file_stats(spec_text: str, tokenizer, seq_len: int, data_dir: str) -> FileSt
   for i in range(len(src)):
     rec = src.record(i)
     chat = chat and rec.get("format") == "chat"
-    ids, flags = pipeline.tokenize_document(tokenizer, sources.record_to_document(rec))
+    ids, flags = loader.tokenize_document(tokenizer, sources.record_to_document(rec))
     tokens += len(ids)
     loss += int(flags[1:].sum())
     longest = max(longest, len(ids))

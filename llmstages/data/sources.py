@@ -1,4 +1,5 @@
-"""Source specs and mixtures: parsing them, the registry of named sources, and opening a source as documents.
+"""Source specs and mixtures: parsing them, the named sources (registry category 'source'), and opening a source
+as documents.
 
 A *source spec* names where documents come from:
 
@@ -20,11 +21,15 @@ A document is a list of `(text, has_loss)` segments: plain text is `[(text, True
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import os
 import re
-from typing import Callable, Sequence
+from typing import Iterator, Sequence
 
+import tensorflow_datasets as tfds
+
+from llmstages import registry
 from llmstages.data import chat, corpus, jsonl
 
 Document = list[tuple[str, bool]]
@@ -34,18 +39,36 @@ Document = list[tuple[str, bool]]
 class SourceEntry:
   """A registered source name: which corpus builder and which of its splits serve 'train' and 'validation'."""
   name: str
-  builder: Callable[[], type]      # returns the CorpusBuilder class (lazy, avoids import cycles)
+  builder: type[corpus.CorpusBuilder]
   splits: dict                     # iterator split -> builder split
   defaults: dict                   # corpus arguments implied by the name
   doc: str
 
 
-SOURCES: dict[str, SourceEntry] = {}
-
-
-def register_source(name: str, builder: Callable[[], type], *, train: str = "train",
+def register_source(name: str, builder: type[corpus.CorpusBuilder], *, train: str = "train",
                     validation: str = "validation", doc: str = "", **defaults) -> None:
-  SOURCES[name] = SourceEntry(name, builder, {"train": train, "validation": validation}, defaults, doc)
+  """Registers `name` (registry category 'source'); each corpus module registers its own names next to its
+  builder."""
+  registry.add("source", name, SourceEntry(name, builder, {"train": train, "validation": validation}, defaults,
+                                           doc))
+
+
+class _RegisteredSources(collections.abc.Mapping):
+  """The registered source names as a read-only mapping name -> SourceEntry (a view of the registry)."""
+
+  def __getitem__(self, name: str) -> SourceEntry:
+    if name not in registry.names("source"):
+      raise KeyError(name)
+    return registry.get("source", name)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(registry.names("source"))
+
+  def __len__(self) -> int:
+    return len(registry.names("source"))
+
+
+SOURCES = _RegisteredSources()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +274,6 @@ class TfdsSource(DocSource):
   feature."""
 
   def __init__(self, spec: SourceSpec, split: str):
-    import tensorflow_datasets as tfds
     self.spec = spec
     self._data = tfds.data_source(spec.name, split=split, data_dir=os.environ.get("TFDS_DATA_DIR"))
     if len(self._data) == 0:
@@ -276,7 +298,7 @@ class TfdsSource(DocSource):
 def corpus_builder(spec: SourceSpec, data_dir: str):
   """The (built) TFDS builder of a corpus spec."""
   entry = SOURCES[spec.name]
-  return corpus.builder_for(entry.builder(), {**entry.defaults, **dict(spec.kwargs)}, data_dir)
+  return corpus.builder_for(entry.builder, {**entry.defaults, **dict(spec.kwargs)}, data_dir)
 
 
 def builder_split(spec: SourceSpec, split: str) -> str:
@@ -302,7 +324,6 @@ def source_info(name_spec: str, data_dir: str) -> dict:
     return {"source": spec.text, "kind": spec.kind,
             "num_documents": len(read_file(spec.name, "chat" if spec.kind == "chat" else None))}
   if spec.kind == "tfds":
-    import tensorflow_datasets as tfds
     builder = tfds.builder(spec.name, data_dir=os.environ.get("TFDS_DATA_DIR"))
     return {"source": spec.text, "kind": "tfds",
             "splits": {k: v.num_examples for k, v in builder.info.splits.items()}}

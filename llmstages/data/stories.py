@@ -30,7 +30,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from llmstages.data import bios, corpus
+from llmstages.data import bios, corpus, sources
 
 OPENERS = (
     "Once upon a time, there was {intro} who lived in {place}.",
@@ -283,14 +283,9 @@ def opener_of(text: str) -> str:
 class LlmstagesStories(corpus.CorpusBuilder):
   """Grammar stories (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
   CONFIG_CLASS = StoriesConfig
+  CONFIG_PREFIX = "n{n_train}_s{seed}_b{bios_n}"
   SPLITS = ("train", "validation", "sft", "prompts")
-  DESCRIPTION = __doc__
-
-  @classmethod
-  def config_prefix(cls, kwargs: dict) -> str:
-    return f"n{kwargs['n_train']}_s{kwargs['seed']}_b{kwargs['bios_n']}"
 
   def metadata(self) -> dict:
     cfg = self.builder_config
@@ -313,3 +308,11 @@ class LlmstagesStories(corpus.CorpusBuilder):
         yield corpus.record(i, format="text", text=f"{opener} {rest}")
       else:
         yield corpus.record(i, format="pc", prompt=opener, completion=" " + rest)
+
+
+sources.register_source("stories", LlmstagesStories,
+                        doc="grammar stories; validation: stories with held-out openers")
+sources.register_source("stories_sft", LlmstagesStories, train="sft", validation="prompts",
+                        doc="opener -> rest of story (prompt/completion); validation: held-out openers")
+sources.register_source("stories_prompts", LlmstagesStories, train="prompts", validation="prompts",
+                        doc="the creative prompt set: held-out openers (prompt) and a reference continuation")

@@ -20,12 +20,12 @@ import os
 import random
 import tempfile
 
+import filelock
 import numpy as np
 import sentencepiece as spm
-
 import tqdm
 
-from llmstages.data import chat, corpus, sources
+from llmstages.data import chat, sources
 
 TOKENIZER_VERSION = 1
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -144,7 +144,7 @@ def get_tokenizer(sources_list: list[str], vocab_size: int, data_dir: str) -> To
   os.makedirs(directory, exist_ok=True)
   # One trainer per cache entry: processes starting together must all use the same model (training with
   # several threads need not be bit-reproducible), so the others wait and load it.
-  with corpus.file_lock(os.path.join(directory, ".lock")):
+  with filelock.FileLock(os.path.join(directory, ".lock")):
     if os.path.exists(path):
       return Tokenizer.load(path)
     return _train(specs, vocab_size, data_dir, directory, path)

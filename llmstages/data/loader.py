@@ -1,4 +1,4 @@
-"""The batch iterator: mixture sampling, per-epoch shuffling, tokenization, packing, sharding, resumable state.
+"""The batch iterators: mixture sampling, per-epoch shuffling, tokenization, packing, sharding, resumable state.
 
 Documents. Each document becomes `ids = [BOS] + tokens + [EOS]` with a loss flag per token (see
 `sources.Document`); its training pairs are `inputs = ids[:-1]`, `targets = ids[1:]`, and `loss_mask` is the loss
@@ -247,10 +247,6 @@ class BatchIterator:
     per = self.batch_size // self.process_count
     lo = self.process_index * per
     return _slice_rows(batch, lo, lo + per)
-
-  @property
-  def batches_emitted(self) -> int:
-    return self._batches
 
 
 def _slice_rows(tree, lo: int, hi: int):
