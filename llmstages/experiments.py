@@ -124,6 +124,7 @@ def canonical_json(config) -> str:
 
 @dataclasses.dataclass
 class Experiment:
+  """One experiment at one arg: its module (get_config, get_sweep, METRICS, ...) and what `load` was given."""
   name: str
   arg: str
   path: str
@@ -229,7 +230,8 @@ def _import_package(package: str) -> ModuleType:
     if e.name != package:
       raise
     raise ModuleNotFoundError(f"the `{package}` package is not importable: run from the repository root, or "
-                              f"install the repository (pip install .), which installs {package}/ too") from e
+                              f"install the repository (pip install . or -e .; an install made before {package}/ "
+                              f"was a package must be redone), which installs {package}/ too") from e
 
 
 def _import_package_module(package: str, name: str) -> ModuleType:
