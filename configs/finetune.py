@@ -17,22 +17,16 @@ with learning rates for adapters), `smoke` (tiny steps and evals, for tests), `p
 300). Learning rates are those usual for full fine-tuning of a pretrained model (1e-5 to 5e-5), 10x for LoRA.
 """
 
-import importlib.util
+import dataclasses
 import os
 
+from configs import pipeline
 from llmstages import config as config_lib
 from llmstages import hf
+from llmstages.data.hf_tokenizer import is_hf_tokenizer_dir
 
 ARGS = {"lora", "smoke", "people=N"}
 STAGES = ("sft", "instruct", "dpo", "grpo")
-
-
-def _pipeline_module():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline.py")
-  spec = importlib.util.spec_from_file_location("llmstages_configs_pipeline", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg: str = ""):
@@ -51,9 +45,7 @@ def get_config(arg: str = ""):
 
 
 def build(hf_dir: str, opts: set[str], people: int | None = None):
-  import dataclasses
-  from llmstages.data.hf_tokenizer import is_hf_tokenizer_dir
-  c = _pipeline_module().build(opts & {"smoke"}, people)
+  c = pipeline.build(opts & {"smoke"}, people)
   c.unlock()
   mc = hf.config_from_hf(hf_dir)
   c.model.update(dataclasses.asdict(mc))

@@ -81,14 +81,19 @@ def build(opts: set[str], people: int | None = None):
     c.cpt.evals = facts_and_stories  # Capacity once, after pretraining: it re-reads the whole bios corpus.
     c.eval.update(dict(num_prompts=16))
   if smoke:
-    c.model.update(dict(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64))
-    for name in ("pretrain", "cpt", "sft", "instruct", "reward", "dpo", "ppo", "grpo"):
-      rl = name in ("ppo", "grpo")
-      seq_len = {"instruct": 192, "reward": 192, "dpo": 192, "ppo": 128, "grpo": 128}.get(name, 64)
-      c[name].update(dict(steps=4 if rl else 8, batch_size=8 if rl else 4, seq_len=seq_len, warmup_steps=2,
-                          eval_every=4, eval_steps=1 if rl else 2, checkpoint_every=4, log_every=2))
-    c.ppo.rl.update(dict(num_generations=2, max_new_tokens=8))
-    c.grpo.rl.update(dict(num_generations=4, max_new_tokens=8))
-    c.eval.update(dict(num_prompts=4, samples=2, pass_k=(1, 2), max_new_tokens=6, story_tokens=8,
-                       perplexity_batches=2))
+    shrink_to_smoke(c)
   return config_lib.finalize(c)
+
+
+def shrink_to_smoke(c) -> None:
+  """`smoke`: a 2-layer d_model 32 model and a few steps per stage, so the whole pipeline runs in seconds."""
+  c.model.update(dict(vocab_size=512, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64))
+  for name in ("pretrain", "cpt", "sft", "instruct", "reward", "dpo", "ppo", "grpo"):
+    rl = name in ("ppo", "grpo")
+    seq_len = {"instruct": 192, "reward": 192, "dpo": 192, "ppo": 128, "grpo": 128}.get(name, 64)
+    c[name].update(dict(steps=4 if rl else 8, batch_size=8 if rl else 4, seq_len=seq_len, warmup_steps=2,
+                        eval_every=4, eval_steps=1 if rl else 2, checkpoint_every=4, log_every=2))
+  c.ppo.rl.update(dict(num_generations=2, max_new_tokens=8))
+  c.grpo.rl.update(dict(num_generations=4, max_new_tokens=8))
+  c.eval.update(dict(num_prompts=4, samples=2, pass_k=(1, 2), max_new_tokens=6, story_tokens=8,
+                     perplexity_batches=2))

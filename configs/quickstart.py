@@ -10,16 +10,10 @@ pretrain (600 steps on synthetic biographies, scratchpad arithmetic and stories)
 bios population (default 300).
 """
 
-import importlib.util
-import os
-
+from configs import pipeline
 from llmstages import config as config_lib
 
 
 def get_config(arg: str = ""):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline.py")
-  spec = importlib.util.spec_from_file_location("llmstages_configs_pipeline", path)
-  pipeline = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(pipeline)
   flags, values = config_lib.parse_args(arg, {"ppo", "smoke", "people=N"}, "configs/quickstart.py")
   return pipeline.build(flags | {"quick"}, **values)

@@ -14,7 +14,8 @@ large k (Yue et al. 2025). 2 routes x 5 seeds = 10 runs of six stages, about 8 w
 `:smoke` runs both routes x 2 seeds of the quickstart smoke model.
 """
 
-from llmstages import experiments as X
+from configs import quickstart
+from llmstages import experiments
 
 METRICS = (
     "diversity/per_input/ead",
@@ -43,7 +44,7 @@ PRETRAIN_STEPS = 300
 
 def get_config(arg: str = ""):
   smoke = _smoke(arg)
-  c = X.config_file("quickstart.py", "smoke" if smoke else f"people={PEOPLE}")
+  c = quickstart.get_config("smoke" if smoke else f"people={PEOPLE}")
   if not smoke:
     c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
   c.sft.init_from = "pretrain"
@@ -54,6 +55,6 @@ def get_config(arg: str = ""):
 
 def get_sweep(arg: str = ""):
   common = ("pretrain", "sft", "instruct", "reward")
-  settings = [X.setting("dpo", {"stages": common + ("dpo", "grpo"), "grpo.init_from": "dpo"}),
-              X.setting("ppo", {"stages": common + ("ppo", "grpo"), "grpo.init_from": "ppo"})]
-  return X.product(settings, X.seeds(2 if _smoke(arg) else X.DEFAULT_SEEDS))
+  settings = [experiments.setting("dpo", {"stages": common + ("dpo", "grpo"), "grpo.init_from": "dpo"}),
+              experiments.setting("ppo", {"stages": common + ("ppo", "grpo"), "grpo.init_from": "ppo"})]
+  return experiments.product(settings, experiments.seeds(2 if _smoke(arg) else experiments.DEFAULT_SEEDS))

@@ -16,7 +16,8 @@ accuracy on the other half, the QA-test people, whose facts were only ever seen 
 `:smoke` runs both formats x 2 seeds of the quickstart smoke model in seconds each.
 """
 
-from llmstages import experiments as X
+from configs import quickstart
+from llmstages import experiments
 
 FORMATS = ("simple", "multi_permute")
 
@@ -62,12 +63,12 @@ def format_overrides(fmt: str, smoke: bool) -> dict:
 
 def get_config(arg: str = ""):
   smoke = "smoke" in _opts(arg)
-  c = X.config_file("quickstart.py", "smoke" if smoke else f"people={PEOPLE}")
+  c = quickstart.get_config("smoke" if smoke else f"people={PEOPLE}")
   if not smoke:
     c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
   c.stages = ("pretrain", "cpt")  # quickstart.py may run later stages too; 'cpt' here is the QA fine-tuning.
   for key, value in format_overrides(FORMATS[0], smoke).items():
-    X.set_key(c, key, value)
+    experiments.set_key(c, key, value)
   c.cpt.replay = 0.0
   people = _people(smoke)
   c.data.tokenizer_sources = ",".join([f"bios({people},format={f})" for f in FORMATS] +
@@ -82,5 +83,5 @@ def get_config(arg: str = ""):
 
 def get_sweep(arg: str = ""):
   smoke = "smoke" in _opts(arg)
-  settings = [X.setting(fmt, format_overrides(fmt, smoke)) for fmt in FORMATS]
-  return X.product(settings, X.seeds(2 if smoke else X.DEFAULT_SEEDS))
+  settings = [experiments.setting(fmt, format_overrides(fmt, smoke)) for fmt in FORMATS]
+  return experiments.product(settings, experiments.seeds(2 if smoke else experiments.DEFAULT_SEEDS))

@@ -17,7 +17,8 @@ parameters with dropout off; these models are below that size range.
 `:smoke` runs sizes xs and s x dropout 0 / 0.1, one seed, 8 steps each: seconds a run (the tests' shape).
 """
 
-from llmstages import experiments as X
+from configs import capacity as capacity_config
+from llmstages import experiments
 
 METRICS = (
     "capacity/R",
@@ -44,24 +45,24 @@ def _opts(arg: str) -> dict:
 
 def get_config(arg: str = ""):
   opts = _opts(arg)
-  return X.config_file("capacity.py", "smoke" if "smoke" in opts else f"people={CPU_PEOPLE}" if "cpu" in opts
-                       else "")
+  return capacity_config.get_config("smoke" if "smoke" in opts else f"people={CPU_PEOPLE}" if "cpu" in opts
+                                    else "")
 
 
 def get_sweep(arg: str = ""):
   opts = _opts(arg)
-  cap = X.config_module("capacity.py")  # SIZES, steps_for_exposures
   base = get_config(arg)
   smoke, cpu = "smoke" in opts, "cpu" in opts
-  people = CPU_PEOPLE if cpu else 100 if smoke else cap.PEOPLE
+  people = CPU_PEOPLE if cpu else 100 if smoke else capacity_config.PEOPLE
   sizes = ("xs", "s") if smoke else ("xxs", "xs") if cpu else ("xs", "s", "m")
   exposures = (100,) if smoke or cpu else (100, 1000)
-  n_seeds = int(opts.get("seeds") or (1 if smoke else X.DEFAULT_SEEDS))
+  n_seeds = int(opts.get("seeds") or (1 if smoke else experiments.DEFAULT_SEEDS))
   settings = []
   for size in sizes:
     for e in exposures:
-      steps = 8 if smoke else cap.steps_for_exposures(e, people, base.pretrain.batch_size, base.pretrain.seq_len)
+      steps = 8 if smoke else capacity_config.steps_for_exposures(e, people, base.pretrain.batch_size,
+                                                                  base.pretrain.seq_len)
       for rate in (0.0, 0.1):
-        settings.append(X.setting(f"{size}/E{e}/dropout{rate:g}", cap.model_overrides(size),
-                                  **{"pretrain.steps": steps, "pretrain.reg.dropout": rate}))
-  return X.product(settings, X.seeds(n_seeds))
+        settings.append(experiments.setting(f"{size}/E{e}/dropout{rate:g}", capacity_config.model_overrides(size),
+                                            **{"pretrain.steps": steps, "pretrain.reg.dropout": rate}))
+  return experiments.product(settings, experiments.seeds(n_seeds))

@@ -21,7 +21,8 @@ the paired-difference interval against `none` to exclude 0.
 `:smoke` runs 2 settings x 2 seeds of the quickstart smoke model in seconds each (the tests use it).
 """
 
-from llmstages import experiments as X
+from configs import quickstart
+from llmstages import experiments
 
 STAGES = ("pretrain", "cpt")
 PEOPLE = 50
@@ -66,7 +67,7 @@ def _opts(arg: str) -> set[str]:
 def get_config(arg: str = ""):
   opts = _opts(arg)
   smoke = "smoke" in opts
-  c = X.config_file("quickstart.py", "smoke" if smoke else f"people={PEOPLE}")
+  c = quickstart.get_config("smoke" if smoke else f"people={PEOPLE}")
   if not smoke:
     c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
   c.stages = ("pretrain",) if "core" in opts else STAGES  # quickstart.py runs later stages too; not here.
@@ -77,14 +78,15 @@ def get_config(arg: str = ""):
 
 
 def at_stage(stage: str, name: str) -> dict:
-  return X.setting(f"{name}@{stage}", {f"{stage}.{k}": v for k, v in REGULARIZERS[name].items()})
+  return experiments.setting(f"{name}@{stage}", {f"{stage}.{k}": v for k, v in REGULARIZERS[name].items()})
 
 
 def get_sweep(arg: str = ""):
   opts = _opts(arg)
   if "smoke" in opts:
-    return X.product([X.setting("none"), at_stage("pretrain", "dropout")], X.seeds(2))
+    return experiments.product([experiments.setting("none"), at_stage("pretrain", "dropout")], experiments.seeds(2))
   if "core" in opts:
-    return X.product([X.setting("none")] + [at_stage("pretrain", name) for name in CORE], X.seeds(X.DEFAULT_SEEDS))
-  settings = [X.setting("none")] + [at_stage(stage, name) for stage in STAGES for name in REGULARIZERS]
-  return X.product(settings, X.seeds(X.DEFAULT_SEEDS))
+    return experiments.product([experiments.setting("none")] + [at_stage("pretrain", name) for name in CORE],
+                               experiments.seeds(experiments.DEFAULT_SEEDS))
+  settings = [experiments.setting("none")] + [at_stage(stage, name) for stage in STAGES for name in REGULARIZERS]
+  return experiments.product(settings, experiments.seeds(experiments.DEFAULT_SEEDS))

@@ -14,7 +14,8 @@ match) or diversity (EAD) better than fine-tuning without it. 2 settings x 5 see
 `:smoke` runs both settings x 2 seeds of the quickstart smoke model.
 """
 
-from llmstages import experiments as X
+from configs import quickstart
+from llmstages import experiments
 
 STAGES = ("pretrain", "sft", "instruct")
 PEOPLE = 50
@@ -40,7 +41,7 @@ def _smoke(arg: str) -> bool:
 
 def get_config(arg: str = ""):
   smoke = _smoke(arg)
-  c = X.config_file("quickstart.py", "smoke" if smoke else f"people={PEOPLE}")
+  c = quickstart.get_config("smoke" if smoke else f"people={PEOPLE}")
   if not smoke:
     c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
   c.stages = STAGES
@@ -50,5 +51,6 @@ def get_config(arg: str = ""):
 
 
 def get_sweep(arg: str = ""):
-  settings = [X.setting("off", {"instruct.reg.dropout": 0.0}), X.setting("late", {"instruct.reg.dropout": 0.1})]
-  return X.product(settings, X.seeds(2 if _smoke(arg) else X.DEFAULT_SEEDS))
+  settings = [experiments.setting("off", {"instruct.reg.dropout": 0.0}),
+              experiments.setting("late", {"instruct.reg.dropout": 0.1})]
+  return experiments.product(settings, experiments.seeds(2 if _smoke(arg) else experiments.DEFAULT_SEEDS))

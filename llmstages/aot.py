@@ -18,6 +18,7 @@ step time is a roofline prediction (see `roofline.Roofline`): no communication, 
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import os
 import time
@@ -66,7 +67,7 @@ def topology_devices(name: str) -> list:
   # libtpu takes a lock file per machine; other JAX processes here may hold it (they load libtpu to probe for a
   # TPU). Describing a topology touches no TPU, so sharing is safe.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies  # Imported here: it loads libtpu.
+  import jax.experimental.topologies as topologies  # Imported here: it loads libtpu.
   libtpu_name, per_host, chip_config = TOPOLOGIES.get(name, (name, None, None))
   kwargs = {"chips_per_host_bounds": per_host, "chip_config_name": chip_config} if per_host else {}
   try:
@@ -228,12 +229,8 @@ TABLE_ROWS = ("125m@v5e-1", "1b@v5e-8", "1b@v6e-8", "350m@v5e-8", "125m@v5e-8", 
 
 
 def llama_config(arg: str):
-  """configs/llama.py:<arg> (the repository's configs/ directory, next to the package)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama.py")
-  spec = importlib.util.spec_from_file_location("llmstages_configs_llama", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/llama.py:<arg>, imported by name from the `configs` package (the repository's, or the installed one)."""
+  return importlib.import_module("configs.llama").get_config(arg)
 
 
 def table_row(size: str, topology: str, costs: bool = True) -> str:

@@ -4,35 +4,33 @@ r"""Compares the runs of a sweep: per stage, each setting's metrics over seeds, 
   python -m llmstages.compare --from_json=REPORT.json [--out=REPORT.md]
   python -m llmstages.compare --baseline WORKDIR [--stages=sft,instruct]   (a run with --config.eval.shots=K)
 
-Reads DIR/sweep.json (the experiment's metrics, Pareto pair and baseline, written by `python -m llmstages.sweep`)
-and every finished run's DIR/runs/<hash>/{run.json, result.json, <stage>/eval.json}. Per stage and setting, each
-metric is the mean over seeds with a 95% Student-t interval over seeds (`metrics.t_interval`); every other setting
-gets the paired difference against the baseline, paired by seed, with the paired t-interval over seeds
-(`paired_difference`), marked * where it excludes 0 with at least 3 seeds (docs/RESEARCH.md: the claim the report can
-support). The t-interval's false-claim rate is 5% at every seed count for normal per-seed differences; the
-percentile bootstrap used before claimed whenever all three differences of 3 seeds had one sign (a quarter of null
-comparisons). Writes REPORT.md (default DIR/report.md), REPORT.json with the same numbers, every per-seed value
-and what the report's header needs, and beside them two PNG plots: REPORT.pareto.png (the experiment's PARETO
-pair, e.g. factual accuracy against diversity, with both intervals as error bars, one panel per stage) and
-REPORT.trajectory.png (each metric after each stage, one line per setting).
-
-`--from_json` recomputes every interval and claim from the per-seed values of an earlier REPORT.json (the sweep
-directory may be gone) and writes the report, JSON and plots again (default: REPORT.md beside it).
+Reads DIR/sweep.json (metrics, Pareto pair and baseline, written by `python -m llmstages.sweep`) and every finished
+run's DIR/runs/<hash>/{run.json, result.json, <stage>/eval.json}. Per stage and setting: each metric's mean over
+seeds with a 95% Student-t interval (`interval`), and the difference against the baseline setting, paired by seed,
+marked * where its paired t-interval excludes 0 with at least 3 seeds (`paired_difference`; docs/RESEARCH.md: a
+5% false-claim rate at every seed count for normal per-seed differences). Writes REPORT.md (default
+DIR/report.md), REPORT.json (the same numbers, every per-seed value and the header) and beside them two PNG plots:
+REPORT.pareto.png (the PARETO pair, e.g. factual accuracy against diversity, with both intervals, one panel per
+stage) and REPORT.trajectory.png (each metric after each stage, one line per setting). `--from_json` recomputes
+every interval and claim from an earlier REPORT.json's per-seed values (the sweep directory may be gone) and writes
+it all again (default: REPORT.md beside it). `--baseline`: see `baseline_table`.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
+import re
 import sys
 
 import numpy as np
 from absl import app, flags
 
 from llmstages import cli
-from llmstages.evals import metrics as M
+from llmstages.evals import metrics as eval_metrics
 
 _OUT = flags.DEFINE_string("out", "", "The Markdown report; '' writes DIR/report.md. Plots and JSON go beside it.")
 _FROM_JSON = flags.DEFINE_string("from_json", "", "Re-render from this REPORT.json's per-seed values, not a DIR.")
@@ -71,16 +69,16 @@ def load_sweep(directory: str) -> tuple[dict, list[dict]]:
     sweep = json.load(f)
   runs = []
   for spec in sweep["runs"]:
-    rd = os.path.join(directory, "runs", spec["hash"])
-    run = {**spec, "dir": rd, "finished": os.path.exists(os.path.join(rd, "result.json")), "evals": {},
+    run_dir = os.path.join(directory, "runs", spec["hash"])
+    run = {**spec, "dir": run_dir, "finished": os.path.exists(os.path.join(run_dir, "result.json")), "evals": {},
            "result": None}
     if run["finished"]:
-      with open(os.path.join(rd, "result.json")) as f:
+      with open(os.path.join(run_dir, "result.json")) as f:
         run["result"] = json.load(f)
       for stage in run["result"].get("stages") or sweep["stages"]:
-        ev = os.path.join(rd, stage, "eval.json")
-        if os.path.exists(ev):
-          with open(ev) as f:
+        eval_path = os.path.join(run_dir, stage, "eval.json")
+        if os.path.exists(eval_path):
+          with open(eval_path) as f:
             run["evals"][stage] = {k: m["value"] for k, m in json.load(f)["metrics"].items()}
     runs.append(run)
   ran = [r["result"].get("stages") or sweep["stages"] for r in runs if r["finished"]]
@@ -95,7 +93,7 @@ def interval(values: list[float]) -> dict:
   """Mean over seeds and its Student-t interval; bounds are nan with fewer than 2 seeds."""
   if not values:
     return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
-  est, lo, hi = M.t_interval(values, ALPHA)
+  est, lo, hi = eval_metrics.t_interval(values, ALPHA)
   return {"mean": est, "lo": lo, "hi": hi, "n": len(values)}
 
 
@@ -105,17 +103,13 @@ def paired_difference(values: dict, base: dict) -> dict:
   common = sorted(set(values) & set(base))
   if not common:
     return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0, "claim": False}
-  est, lo, hi = M.paired_t_diff([values[s] for s in common], [base[s] for s in common], ALPHA)
+  est, lo, hi = eval_metrics.paired_t_diff([values[s] for s in common], [base[s] for s in common], ALPHA)
   claim = len(common) >= MIN_SEEDS_FOR_CLAIM and (lo > 0 or hi < 0)
   return {"mean": est, "lo": lo, "hi": hi, "n": len(common), "claim": bool(claim)}
 
 
 def settings_in_order(runs: list[dict]) -> list[str]:
-  out: list[str] = []
-  for r in runs:
-    if r["setting"] not in out:
-      out.append(r["setting"])
-  return out
+  return list(dict.fromkeys(r["setting"] for r in runs))
 
 
 def wanted_metrics(sweep: dict) -> list[str]:
@@ -205,12 +199,9 @@ def _cell(row: dict, signed: bool = False) -> str:
 
 def machine() -> str:
   cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+  with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # No /proc off Linux.
+    names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     cpu = names[0] if names else cpu
-  except OSError:
-    pass
   return f"{platform.node()} ({platform.platform()}; {os.cpu_count()} CPUs: {cpu}; Python {platform.python_version()})"
 
 
@@ -221,19 +212,26 @@ def _error(row: dict) -> list[list[float]]:
 
 
 def write_plots(report: dict, pareto_path: str, trajectory_path: str) -> None:
-  import matplotlib  # Plotting only: keeps `import llmstages.compare` light.
+  import matplotlib  # Imported here, not at the top: the module's slowest import, and only plots need it.
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # Plotting only (see above).
+  colors = plt.get_cmap("tab20" if len(report["settings"]) > 10 else "tab10")
+  color = {s: colors(i % colors.N) for i, s in enumerate(report["settings"])}
+  for draw, path in ((_pareto_plot, pareto_path), (_trajectory_plot, trajectory_path)):
+    fig = draw(plt, report, color)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
-  stages, settings, table = report["stages"], report["settings"], report["table"]
-  colors = plt.get_cmap("tab20" if len(settings) > 10 else "tab10")
-  color = {s: colors(i % colors.N) for i, s in enumerate(settings)}
+
+def _pareto_plot(plt, report: dict, color: dict):
+  """One panel per stage: the PARETO pair of every setting, with intervals, and the non-dominated front."""
+  stages, table = report["stages"], report["table"]
   x_key, y_key = (report["pareto"] or report["metrics"][:2])[:2]
-
   fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 4.5), squeeze=False)
   for ax, stage in zip(axes[0], stages):
     points = []
-    for s in settings:
+    for s in report["settings"]:
       x, y = table[stage][s][x_key], table[stage][s][y_key]
       if x["n"] == 0 or y["n"] == 0:
         continue
@@ -243,17 +241,16 @@ def write_plots(report: dict, pareto_path: str, trajectory_path: str) -> None:
     front = sorted(p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points))
     if len(front) > 1:
       ax.plot(*zip(*front), "--", color="gray", linewidth=1, label="non-dominated (higher is better on both)")
-    ax.set_xlabel(x_key)
-    ax.set_ylabel(y_key)
-    ax.set_title(f"after stage '{stage}'")
+    ax.set(xlabel=x_key, ylabel=y_key, title=f"after stage '{stage}'")
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
   fig.suptitle(f"mean over seeds, {1 - ALPHA:.0%} t-interval over seeds on both axes")
-  fig.tight_layout()
-  fig.savefig(pareto_path, dpi=110, bbox_inches="tight")
-  plt.close(fig)
+  return fig
 
-  metrics = report["metrics"]
+
+def _trajectory_plot(plt, report: dict, color: dict):
+  """One panel per metric: its value after each stage, one line per setting."""
+  stages, settings, metrics = report["stages"], report["settings"], report["metrics"]
   cols = min(3, len(metrics))
   rows = math.ceil(len(metrics) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
@@ -261,10 +258,10 @@ def write_plots(report: dict, pareto_path: str, trajectory_path: str) -> None:
   for i, metric in enumerate(metrics):
     ax = axes[i // cols][i % cols]
     for j, s in enumerate(settings):
-      rows_ = [table[st][s][metric] for st in stages]
-      has = np.array([r["n"] > 0 for r in rows_])  # A setting's line joins the stages it was scored after.
-      mean = np.array([r["mean"] for r in rows_])[has]
-      err = np.array([np.ravel(_error(r)) for r in rows_]).reshape(-1, 2)[has].T
+      cells = [report["table"][st][s][metric] for st in stages]
+      has = np.array([c["n"] > 0 for c in cells])  # A setting's line joins the stages it was scored after.
+      mean = np.array([c["mean"] for c in cells])[has]
+      err = np.array([np.ravel(_error(c)) for c in cells]).reshape(-1, 2)[has].T
       offset = (j - (len(settings) - 1) / 2) * 0.02  # Keeps overlapping error bars apart.
       ax.errorbar(xs[has] + offset, mean, yerr=err, marker="o", capsize=2, color=color[s], label=s)
     ax.set_xticks(xs, stages)
@@ -275,18 +272,14 @@ def write_plots(report: dict, pareto_path: str, trajectory_path: str) -> None:
   handles, labels = axes[0][0].get_legend_handles_labels()
   fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   fig.suptitle(f"each metric after each stage (mean over seeds, {1 - ALPHA:.0%} t-interval)")
-  fig.tight_layout()
-  fig.savefig(trajectory_path, dpi=110, bbox_inches="tight")
-  plt.close(fig)
+  return fig
 
 
 def render(report: dict, command: str, plots: tuple[str, str]) -> str:
-  stages, metrics, baseline = report["stages"], report["metrics"], report["baseline"]
-  settings = report["settings"]
+  stages, metrics, baseline, settings = report["stages"], report["metrics"], report["baseline"], report["settings"]
   finished = report["planned_runs"] - len(report["unfinished"])
   lines = [
-      f"# Sweep report: {report['experiment']}", "",
-      report["description"], "",
+      f"# Sweep report: {report['experiment']}", "", report["description"], "",
       f"- Report made by `{command}` on {machine()} at {datetime.datetime.now().isoformat(timespec='seconds')}.",
       f"- Runs made by `{report['sweep_command']}`; they ran on: {', '.join(report['hosts']) or 'none finished'}.",
       f"- {finished} of {report['planned_runs']} planned runs finished ({len(settings)} settings x seeds "
@@ -353,7 +346,6 @@ def baseline_table(workdir: str, stages: list[str] | None = None) -> str:
   """Markdown: one row per scored metric with a K-shot twin (`.../Kshot/greedy`, eval.shots=K), one column pair
   (0-shot, K-shot) per stage that has eval.json, and the last column: the last stage at 0-shot minus the best
   K-shot score of any earlier stage (> 0: fine-tuning beat prompting the model it started from)."""
-  import re
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
   k = int(config.get("eval", {}).get("shots", 0))

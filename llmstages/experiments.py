@@ -1,7 +1,8 @@
-"""The experiment registry: one file per experiment in `experiments/`, each listing its runs and what to compare.
+"""What an experiment file uses, and finding experiments: the `experiments` package, one module per experiment.
 
-An experiment file (`experiments/NAME.py`) defines
-  get_config(arg)  the base config, locked (usually a pipeline config from `configs/`, see `config_file`);
+An experiment module (`experiments/NAME.py`) defines
+  get_config(arg)  the base config, locked (usually a config from the `configs` package: `from configs import
+                   quickstart`, then `quickstart.get_config(...)`);
   get_sweep(arg)   plain Python that lists the runs: dicts of dotted config overrides ('pretrain.reg.dropout')
                    plus 'seed' and an optional 'setting' name; runs that differ only in their seed share a setting.
                    `grid`, `zip_`, `product`, `seeds` and `setting` below build such lists;
@@ -10,7 +11,9 @@ An experiment file (`experiments/NAME.py`) defines
   BASELINE         optional: the setting that paired differences are taken against (default: the first one);
 and a docstring whose first line `python -m llmstages.sweep --list` shows. `arg` is the text after ':'
 (`dropout_vs_facts:smoke`); every experiment accepts `smoke`, which shrinks it to run in seconds for tests.
-A file path works in place of a name (`--experiment=/path/to/my_exp.py:smoke`).
+Experiments are found by listing the `experiments` package and imported by name (`importlib`, never a static
+import: llmstages does not depend on them). A file path works in place of a name
+(`--experiment=/path/to/my_exp.py:smoke`) for an experiment kept outside the package.
 
 A run's identity is a hash of its fully resolved config (the seed is `config.seed`), so the same run reached from
 two experiments, or planned twice, is the same run, and a changed base config makes new runs.
@@ -20,17 +23,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import importlib.util
 import itertools
 import json
 import os
+import pkgutil
 import sys
 from types import ModuleType
 from typing import Any, Iterable, Sequence
 
+# The directory holding the llmstages package: the repository root, or site-packages once installed (where the
+# `configs` and `experiments` packages are installed beside it).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS_DIR = os.path.join(ROOT, "experiments")
-CONFIGS_DIR = os.path.join(ROOT, "configs")
+EXPERIMENTS_PACKAGE = "experiments"
+CONFIGS_PACKAGE = "configs"
 
 META_KEYS = ("seed", "setting")  # Keys of a sweep entry that are not dotted config overrides.
 
@@ -79,8 +86,8 @@ def setting(name: str, overrides: dict | None = None, **more) -> dict:
 
 
 def config_module(name: str) -> ModuleType:
-  """The module of `configs/<name>` (e.g. 'capacity.py'), for helpers it defines beside get_config."""
-  return _load_module(os.path.join(CONFIGS_DIR, name), f"llmstages_config_{_slug(name)}")
+  """The module `configs.<name>` (name 'capacity.py' or 'capacity'), for helpers it defines beside get_config."""
+  return _import_package_module(CONFIGS_PACKAGE, name.removesuffix(".py"))
 
 
 def config_file(name: str, arg: str = ""):
@@ -117,6 +124,7 @@ def canonical_json(config) -> str:
 
 @dataclasses.dataclass
 class Experiment:
+  """One experiment at one arg: its module (get_config, get_sweep, METRICS, ...) and what `load` was given."""
   name: str
   arg: str
   path: str
@@ -124,8 +132,8 @@ class Experiment:
 
   @property
   def spec(self) -> str:
-    """What `load` takes back: 'NAME:ARG' for a registered experiment, 'PATH:ARG' for a file elsewhere."""
-    where = self.name if os.path.abspath(self.path) == _registered_path(self.name) else self.path
+    """What `load` takes back: 'NAME:ARG' for a module of the package, 'PATH:ARG' for a file elsewhere."""
+    where = self.name if self.module.__name__ == f"{EXPERIMENTS_PACKAGE}.{self.name}" else self.path
     return f"{where}:{self.arg}" if self.arg else where
 
   @property
@@ -212,40 +220,62 @@ def _jsonable(value):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The registry.
+# Finding experiments.
+
+def _import_package(package: str) -> ModuleType:
+  """The top-level package `configs` or `experiments`; a clear error when it is not importable."""
+  try:
+    return importlib.import_module(package)
+  except ModuleNotFoundError as e:
+    if e.name != package:
+      raise
+    raise ModuleNotFoundError(f"the `{package}` package is not importable: run from the repository root, or "
+                              f"install the repository (pip install . or -e .; an install made before {package}/ "
+                              f"was a package must be redone), which installs {package}/ too") from e
+
+
+def _import_package_module(package: str, name: str) -> ModuleType:
+  _import_package(package)
+  return importlib.import_module(f"{package}.{name}")
+
+
+def _package_dir() -> str:
+  return os.path.dirname(os.path.abspath(_import_package(EXPERIMENTS_PACKAGE).__file__))
+
 
 def names() -> list[str]:
-  if not os.path.isdir(EXPERIMENTS_DIR):
-    return []
-  return sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR) if f.endswith(".py") and not f.startswith("_"))
-
-
-def _registered_path(name: str) -> str:
-  return os.path.join(EXPERIMENTS_DIR, f"{name}.py")
+  """The experiments: the modules of the `experiments` package."""
+  return sorted(m.name for m in pkgutil.iter_modules([_package_dir()]) if not m.ispkg and not m.name.startswith("_"))
 
 
 def load(spec: str) -> Experiment:
-  """'NAME[:ARG]' (a file in experiments/) or 'PATH.py[:ARG]' -> the Experiment."""
+  """'NAME[:ARG]' (the module experiments.NAME) or 'PATH.py[:ARG]' -> the Experiment."""
   where, _, arg = spec.partition(":") if not spec.endswith(".py") else (spec, "", "")
   if where.endswith(".py") or os.sep in where:
     path = os.path.abspath(where)
-    name = os.path.basename(path)[:-3] if path.endswith(".py") else os.path.basename(path)
+    name = os.path.basename(path).removesuffix(".py")
+    in_package = os.path.dirname(path) == _package_dir() and name in names()
+    module = _import_experiment(name) if in_package else _load_file(path, name)
   else:
-    name, path = where, _registered_path(where)
-  if not os.path.exists(path):
-    raise ValueError(f"unknown experiment {where!r}: no file {path}; known experiments: {names()}")
-  module = _load_module(path, f"llmstages_experiment_{_slug(name)}")
+    name, module = where, _import_experiment(where)
   for fn in ("get_config", "get_sweep"):
     if not callable(getattr(module, fn, None)):
-      raise ValueError(f"experiment file {path} lacks {fn}(arg)")
-  return Experiment(name=name, arg=arg, path=path, module=module)
+      raise ValueError(f"experiment file {module.__file__} lacks {fn}(arg)")
+  return Experiment(name=name, arg=arg, path=os.path.abspath(module.__file__), module=module)
 
 
-def _slug(text: str) -> str:
-  return "".join(c if c.isalnum() else "_" for c in text)
+def _import_experiment(name: str) -> ModuleType:
+  if name not in names():
+    raise ValueError(f"unknown experiment {name!r}: no module {EXPERIMENTS_PACKAGE}.{name} in {_package_dir()}; "
+                     f"known experiments: {names()}")
+  return _import_package_module(EXPERIMENTS_PACKAGE, name)
 
 
-def _load_module(path: str, module_name: str) -> ModuleType:
+def _load_file(path: str, name: str) -> ModuleType:
+  """An experiment file outside the package (`--experiment=/path/to/file.py`), loaded from its path."""
+  if not os.path.exists(path):
+    raise ValueError(f"unknown experiment {path!r}: no such file; known experiments: {names()}")
+  module_name = "llmstages_experiment_" + "".join(c if c.isalnum() else "_" for c in name)
   if module_name in sys.modules and getattr(sys.modules[module_name], "__file__", None) == path:
     return sys.modules[module_name]
   spec = importlib.util.spec_from_file_location(module_name, path)

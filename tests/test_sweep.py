@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from llmstages import experiments as X
+from llmstages import experiments
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "dropout_vs_facts:smoke"
@@ -88,7 +88,7 @@ def smoke_sweep(tmp_path_factory) -> tuple[str, dict]:
   shutil.rmtree(base, ignore_errors=True)
   workdir, cache = base / "sweep", tmp_path_factory.getbasetemp() / "jax_cache"
   base.mkdir(parents=True)
-  runs = {r.hash: r for r in X.load(SMOKE).runs()}
+  runs = {r.hash: r for r in experiments.load(SMOKE).runs()}
   proc = subprocess.Popen(sweep_cmd(workdir, cache, "--workers=2"), env=_env(), cwd=ROOT, start_new_session=True,
                           stdout=open(base / "first.log", "w"), stderr=subprocess.STDOUT)
   deadline = time.time() + 420
@@ -122,68 +122,70 @@ def smoke_sweep(tmp_path_factory) -> tuple[str, dict]:
 # The registry (no runs).
 
 def test_sweep_helpers_build_plain_lists():
-  assert X.grid({"a": [1, 2], "b": [3]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
-  assert X.zip_({"a": [1, 2], "b": [3, 4]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
+  assert experiments.grid({"a": [1, 2], "b": [3]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+  assert experiments.zip_({"a": [1, 2], "b": [3, 4]}) == [{"a": 1, "b": 3}, {"a": 2, "b": 4}]
   with pytest.raises(ValueError, match="equally long"):
-    X.zip_({"a": [1, 2], "b": [3]})
-  runs = X.product([X.setting("x", {"k": 1}), X.setting("y", {"k": 2})], X.seeds(2))
+    experiments.zip_({"a": [1, 2], "b": [3]})
+  runs = experiments.product([experiments.setting("x", {"k": 1}), experiments.setting("y", {"k": 2})],
+                             experiments.seeds(2))
   assert [(r["setting"], r["seed"]) for r in runs] == [("x", 0), ("x", 1), ("y", 0), ("y", 1)]
 
 
 def test_registry_lists_every_experiment_and_smoke_shrinks_it():
   shipped = ("dropout_vs_facts", "capacity", "augmentation_extraction", "late_dropout", "alignment_diversity")
-  assert set(shipped) <= set(X.names())
+  assert set(shipped) <= set(experiments.names())
   for name in shipped:
-    full, smoke = X.load(name), X.load(f"{name}:smoke")
+    full, smoke = experiments.load(name), experiments.load(f"{name}:smoke")
     assert full.metrics and all("/" in m for m in full.metrics)
     assert len(smoke.runs()) <= 4 < len(full.runs())
     assert smoke.base_config().model.d_model == 32  # configs/quickstart.py:smoke size.
     assert full.baseline in {r.setting for r in full.runs()}
-  exp = X.load("dropout_vs_facts")
+  exp = experiments.load("dropout_vs_facts")
   settings = {r.setting for r in exp.runs()}
   assert {"none", "dropout@pretrain", "mlp_dropout@cpt", "neftune@cpt", "weight_decay@pretrain"} <= settings
-  assert all(sum(r.setting == s for r in exp.runs()) == X.DEFAULT_SEEDS for s in settings)  # Seeds each.
+  assert all(sum(r.setting == s for r in exp.runs()) == experiments.DEFAULT_SEEDS for s in settings)  # Seeds each.
   one = next(r for r in exp.runs() if r.setting == "attn_dropout@cpt")
   assert one.config.cpt.reg.attn_dropout == 0.1 and one.config.pretrain.reg.attn_dropout is None
   out = subprocess.run([sys.executable, "-m", "llmstages.sweep", "--list"], env=_env(), cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
-  assert len(lines) == len(X.names()) and all("runs" in line and "ERROR" not in line for line in lines)
+  assert len(lines) == len(experiments.names()) and all("runs" in line and "ERROR" not in line for line in lines)
 
 
 def test_people_arg_sets_every_bios_population():
   import re
-  c = X.config_file("quickstart.py", "people=50")
+  c = experiments.config_file("quickstart.py", "people=50")
   specs = [c.pretrain.data, c.cpt.data, c.sft.data, c.instruct.data, c.dpo.data, c.eval.bios, c.eval.stories,
            c.eval.perplexity_data]
   sizes = {m for s in specs for m in re.findall(r"(?:\bn|bios_n)=(\d+)", s)}
   assert sizes == {"50"}, specs
   assert "n_new=10" in c.cpt.data
-  assert "n=300" in X.config_file("quickstart.py", "").pretrain.data
+  assert "n=300" in experiments.config_file("quickstart.py", "").pretrain.data
   for bad, message in (("people=x", "not an integer"), ("peple=5", "unknown arg"), ("people=3", "at least 8")):
     with pytest.raises(ValueError, match=message):
-      X.config_file("quickstart.py", bad)
-  cap = X.config_file("capacity.py", "people=500")
+      experiments.config_file("quickstart.py", bad)
+  cap = experiments.config_file("capacity.py", "people=500")
   assert cap.pretrain.data == cap.eval.bios == "bios(n=500,format=multi_permute)"
-  assert cap.pretrain.steps == X.config_module("capacity.py").steps_for_exposures(100, 500, 32, 128)
+  assert cap.pretrain.steps == experiments.config_module("capacity.py").steps_for_exposures(100, 500, 32, 128)
 
 
 def test_reduced_sweeps_are_subsets_of_their_design():
-  core = X.load("dropout_vs_facts:core").runs()
-  assert len(core) == 6 * X.DEFAULT_SEEDS and {r.seed for r in core} == set(range(X.DEFAULT_SEEDS)) == set(range(5))
+  core = experiments.load("dropout_vs_facts:core").runs()
+  assert len(core) == 6 * experiments.DEFAULT_SEEDS
+  assert {r.seed for r in core} == set(range(experiments.DEFAULT_SEEDS)) == set(range(5))
   assert all(r.config.stages == ("pretrain",) for r in core)
   assert {r.setting for r in core} == {"none", "dropout@pretrain", "drop_path@pretrain", "neftune@pretrain",
                                        "label_smoothing@pretrain", "weight_decay@pretrain"}
-  cpu = X.load("capacity:cpu").runs()
+  cpu = experiments.load("capacity:cpu").runs()
   assert len(cpu) == 4 * 5 and {r.config.model.d_model for r in cpu} == {16, 32}
-  assert len(X.load("capacity:cpu,seeds=3").runs()) == 12
+  assert len(experiments.load("capacity:cpu,seeds=3").runs()) == 12
   assert all(r.config.eval.bios == "bios(n=200,format=multi_permute)" for r in cpu)
   assert {r.config.pretrain.reg.dropout for r in cpu} == {0.0, 0.1}
 
 
 def test_run_hash_is_the_resolved_config():
-  exp = X.load(SMOKE)
+  exp = experiments.load(SMOKE)
   a, b = exp.runs()[:2]
   assert a.hash == exp.resolve({"setting": "other name", "seed": a.seed, **a.overrides}).hash
   assert a.hash != b.hash
@@ -198,7 +200,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path_factory):
   workdir, record = smoke_sweep(tmp_path_factory)
   assert record["returncode"] == 0, record["log"]
   assert not record["orphans"], "run processes outlived their killed sweep"
-  runs = {r.hash: r for r in X.load(SMOKE).runs()}
+  runs = {r.hash: r for r in experiments.load(SMOKE).runs()}
   assert len(runs) == 4
   for h in runs:
     assert os.path.exists(os.path.join(workdir, "runs", h, "result.json"))
@@ -224,14 +226,14 @@ def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path_factory):
 
 
 FAILING = '''"""Test experiment: one run whose config makes the pipeline raise, then one that finishes."""
-from llmstages import experiments as X
+from llmstages import experiments
 METRICS = ("perplexity/loss",)
 def get_config(arg):
-  c = X.config_file("capacity.py", "smoke")
+  c = experiments.config_file("capacity.py", "smoke")
   c.pretrain.evals = ("perplexity",)
   return c
 def get_sweep(arg):
-  return [X.setting("bad", {"pretrain.reg.dropout": 1.5}, seed=0), X.setting("good", seed=0)]
+  return [experiments.setting("bad", {"pretrain.reg.dropout": 1.5}, seed=0), experiments.setting("good", seed=0)]
 '''
 
 
@@ -243,7 +245,7 @@ def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path, tmp_path_fact
   log = out.stdout + out.stderr
   assert out.returncode == 1, log
   assert "1 failed" in log and "FAILED bad seed 0" in log and "a rate must be in [0, 1), got 1.5" in log
-  exp = X.load(str(path))
+  exp = experiments.load(str(path))
   by_setting = {r.setting: r.hash for r in exp.runs()}
   assert os.path.exists(os.path.join(workdir, "runs", by_setting["good"], "result.json"))
   assert not os.path.exists(os.path.join(workdir, "runs", by_setting["bad"], "result.json"))
@@ -307,7 +309,7 @@ def postgres_server():
 
 def test_two_sweep_commands_on_postgres_finish_the_same_runs_once(tmp_path, tmp_path_factory):
   workdir, cache = tmp_path / "sweep", tmp_path_factory.getbasetemp() / "jax_cache"
-  expected = sorted(r.hash for r in X.load(SMOKE).runs())
+  expected = sorted(r.hash for r in experiments.load(SMOKE).runs())
   with postgres_server() as url:
     # Two commands started at once, each one worker, as on two machines sharing the study and the directory.
     procs = [subprocess.Popen(sweep_cmd(workdir, cache, "--workers=1", f"--storage={url}"), env=_env(), cwd=ROOT,
