@@ -42,7 +42,7 @@ def hf_logits(model, tokens=TOKENS):
 
 @functools.lru_cache(maxsize=None)
 def _forward(mc):
-  return jax.jit(lambda params, tokens: Decoder(mc).apply({"params": params}, tokens))
+  return jax.jit(lambda params, tokens: Decoder(mc).apply({"params": params}, tokens).logits)
 
 
 def our_logits(mc, params, tokens=TOKENS):

@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from llmstages import config as config_lib  # noqa: E402
-from llmstages import hf, lora, pipeline, train  # noqa: E402
+from llmstages import checkpoint, hf, lora, pipeline, train  # noqa: E402
+from llmstages import workdir as workdir_lib  # noqa: E402
 from llmstages.hf import adapters as adapters_lib  # noqa: E402
 from llmstages.hf import commands  # noqa: E402
 from tests.helpers import one_device_mesh, read_metrics  # noqa: E402
@@ -122,11 +123,11 @@ def test_lora_finetune_trains_adapters_only_and_exports(tmp_path, llama):
   assert np.mean([losses[s] for s in (18, 19, 20)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 0.3
   assert np.mean([acc[s] for s in (18, 19, 20)]) > 0.3 > acc[1]
   ctx = train.build_context(config, "tune", mesh=one_device_mesh())
-  base = train.load_final_params(work, "base", ctx.abstract_params)
-  adapters, meta = train.load_final_lora(work, "tune", ctx.abstract_state.params)
+  base = workdir_lib.load_final_params(work, "base", ctx.abstract_params)
+  adapters, meta = workdir_lib.load_final_lora(work, "tune", ctx.abstract_state.params)
   assert meta["rank"] == 4 and adapters["layers_0"]["attn"]["q"]["kernel"]["a"].shape == (64, 4)
   # Only adapters have optimizer state; the base passed through the stage bit for bit.
-  ckpt = train.ckpt_lib.Checkpointer(os.path.join(work, "tune", "checkpoints"))
+  ckpt = checkpoint.Checkpointer(os.path.join(work, "tune", "checkpoints"))
   try:
     _, state, _ = ckpt.restore_latest(ctx.abstract_state)
   finally:
@@ -137,7 +138,7 @@ def test_lora_finetune_trains_adapters_only_and_exports(tmp_path, llama):
   assert n_adapter < 0.2 * sum(x.size for x in jax.tree.leaves(base))
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.base, base))
   # final_params is the merged model (what later stages and evaluators read).
-  final = train.load_final_params(work, "tune", ctx.abstract_params)
+  final = workdir_lib.load_final_params(work, "tune", ctx.abstract_params)
   merged = jax.jit(lambda p, a: lora.merge(p, a, config.tune.lora))(base, adapters)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.allclose(a, b, atol=1e-6)), final, merged))
   ours = our_logits(ctx.model_cfg, final)

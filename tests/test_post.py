@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from llmstages import config as config_lib
-from llmstages import losses, pipeline, rewards, stages, train
+from llmstages import inputs, losses, pipeline, rewards, stages, train
+from llmstages import model as model_lib
+from llmstages import workdir as workdir_lib
+from llmstages.inputs import TokenBatch
 from llmstages.model import Decoder
 from llmstages.stages import preference, rl
 from tests.helpers import init_params, one_device_mesh, packed_batch, read_metrics, tiny
@@ -34,19 +37,19 @@ def pair_batch(b=4, length=16, vocab=64, seed=0):
     out[side] = {"inputs": (tokens[:, :-1] * real).astype(np.int32), "targets": (tokens[:, 1:] * real).astype(np.int32),
                  "loss_mask": ((pos >= prompt_len[:, None] - 1) & real).astype(np.float32),
                  "segment_ids": real.astype(np.int32), "positions": (pos * real).astype(np.int32)}
-  return out
+  return preference.PreferenceBatch.from_dict(out)
 
 
 def dpo_stage(**dpo):
-  scfg = config_lib.stage_config("dpo", init_from="sft")
-  scfg.dpo.update(dpo)
-  return stages.get("dpo", scfg)
+  stage_config = config_lib.stage_config("dpo", init_from="sft")
+  stage_config.dpo.update(dpo)
+  return stages.get("dpo", stage_config)
 
 
 def with_reference(model, params, pair):
   lp = preference.sequence_logprobs(model, params, preference._both(pair))
   b = lp.shape[0] // 2
-  return {**pair, "ref_chosen": lp[:b], "ref_rejected": lp[b:]}
+  return pair.replace(ref_chosen=lp[:b], ref_rejected=lp[b:])
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
@@ -88,10 +91,10 @@ def test_ipo_averages_log_ratios_per_token_by_hand():
   pair = with_reference(model, ref_params, pair_batch())
 
   def side_means(p, side):
-    b = pair[side]
-    lp = jax.nn.log_softmax(model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"]), axis=-1)
-    tok = np.take_along_axis(np.asarray(lp), np.asarray(b["targets"])[..., None], axis=-1)[..., 0]
-    return (tok * b["loss_mask"]).sum(-1), b["loss_mask"].sum(-1)
+    b = getattr(pair, side)
+    lp = jax.nn.log_softmax(model.apply({"params": p}, b.inputs, b.positions, b.segment_ids).logits, axis=-1)
+    tok = np.take_along_axis(np.asarray(lp), np.asarray(b.targets)[..., None], axis=-1)[..., 0]
+    return (tok * b.loss_mask).sum(-1), b.loss_mask.sum(-1)
   (pc, nc), (pr, nr) = side_means(params, "chosen"), side_means(params, "rejected")
   (rc, _), (rr, _) = side_means(ref_params, "chosen"), side_means(ref_params, "rejected")
   for ipo_logps, delta in (("token_mean", (pc - rc) / nc - (pr - rr) / nr), ("sum", (pc - rc) - (pr - rr))):
@@ -100,28 +103,29 @@ def test_ipo_averages_log_ratios_per_token_by_hand():
     np.testing.assert_allclose(loss_sum / count, np.mean((delta - 1.0) ** 2), rtol=1e-4)  # f32 sums in another order
   assert config_lib.dpo_config().ipo_logps == "token_mean"
   with pytest.raises(ValueError, match="dpo.ipo_logps: 'mean' is not one of token_mean, sum"):
-    dpo_stage(ipo_logps="mean").frozen_models(dpo_stage(ipo_logps="mean").scfg)
+    dpo_stage(ipo_logps="mean").frozen_models()
 
 
 def test_reward_loss_is_log2_with_a_fresh_head():
   cfg = tiny()
   model = Decoder(cfg, score_head=True)
-  params = jax.tree.map(jnp.asarray, train._init_params(model, jax.random.key(0)))
+  params = jax.tree.map(jnp.asarray, model_lib.init_params(model, jax.random.key(0)))
   loss_sum, count, metrics = stages.get("reward").loss(model, params, pair_batch(), None, None, False)
   np.testing.assert_allclose(loss_sum / count, math.log(2), rtol=1e-6)  # Zero-initialized head: equal scores.
 
 
-def grpo_stage(kl_coef):
-  scfg = config_lib.stage_config("grpo", init_from="sft")
-  scfg.rl.kl_coef = kl_coef
-  return stages.get("grpo", scfg)
+def grpo_stage(kl_coef, **rl_overrides):
+  stage_config = config_lib.stage_config("grpo", init_from="sft")
+  stage_config.rl.kl_coef = kl_coef
+  stage_config.rl.update(rl_overrides)
+  return stages.get("grpo", stage_config)
 
 
 def rollout_batch(model, params, seed=0, b=8):
   batch = packed_batch(batch=b, length=16, vocab=64, seed=seed, docs_per_row=1)
-  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]).logits
   logp = losses.token_logprobs(logits, batch["targets"]) * batch["loss_mask"]
-  return {**batch, "old_logp": logp, "ref_logp": logp}
+  return rl.RolloutBatch(tokens=TokenBatch.from_dict(batch), old_logp=logp, ref_logp=logp)
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, 0.04])
@@ -131,14 +135,14 @@ def test_grpo_equal_rewards_give_zero_advantage_and_gradient(kl_coef):
   assert np.all(adv == 0) and flat.tolist() == [True, True]
   cfg = tiny()
   model, params = Decoder(cfg), init_params(cfg, seed=2)
-  batch = {**rollout_batch(model, params), "advantages": jnp.asarray(adv)}
+  batch = rollout_batch(model, params).replace(advantages=jnp.asarray(adv))
   stage = grpo_stage(kl_coef)
   grads = jax.grad(lambda p: stage.loss(model, p, batch, None, None, False)[0])(params)
   worst = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
   assert worst == 0.0 if kl_coef == 0 else worst < 1e-6
   # A group with different rewards does get a gradient.
   adv2, _ = rl.group_advantages(np.array([0.0, 1.0, 0.0, 0.0] + [1.0] * 4), 4, 1e-4)
-  batch2 = {**batch, "advantages": jnp.asarray(adv2)}
+  batch2 = batch.replace(advantages=jnp.asarray(adv2))
   grads2 = jax.grad(lambda p: stage.loss(model, p, batch2, None, None, False)[0])(params)
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads2)) > 1e-4
 
@@ -154,11 +158,11 @@ def test_grpo_loss_types_by_hand(loss_type):
   mask = np.zeros((4, 16), np.float32)
   for row, n in enumerate((1, 2, 3, 4)):
     mask[row, 5:5 + n] = 1.0
-  batch = {**batch, "loss_mask": mask, "advantages": jnp.array([1.0, -1.0, 2.0, 0.5])}
-  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-  batch["old_logp"] = batch["ref_logp"] = losses.token_logprobs(logits, batch["targets"]) * mask
-  stage = grpo_stage(0.0)
-  stage.scfg.rl.loss_type, stage.scfg.rl.max_new_tokens = loss_type, 8
+  tokens = batch.tokens.replace(loss_mask=mask)
+  logits = model.apply({"params": params}, tokens.inputs, tokens.positions, tokens.segment_ids).logits
+  logp = losses.token_logprobs(logits, tokens.targets) * mask
+  batch = batch.replace(tokens=tokens, advantages=jnp.array([1.0, -1.0, 2.0, 0.5]), old_logp=logp, ref_logp=logp)
+  stage = grpo_stage(0.0, loss_type=loss_type, max_new_tokens=8)
   loss_sum, count, metrics = stage.loss(model, params, batch, None, None, False)
   expected = {"dapo": (-7.0, 10.0), "grpo": (-2.5, 4.0), "dr_grpo": (-7.0 / 8, 4.0)}[loss_type]
   np.testing.assert_allclose([loss_sum, count], expected, rtol=1e-5)
@@ -173,18 +177,19 @@ def test_grpo_loss_types_accumulate_exactly():
   cfg = tiny()
   model, params = Decoder(cfg), init_params(cfg, seed=4)
   batch = rollout_batch(model, params, seed=5)
-  batch["loss_mask"][0, 3:] = 0
-  batch["loss_mask"][5, :12] = 0
-  batch["advantages"] = np.random.default_rng(6).normal(size=(8,)).astype(np.float32)
-  batch["old_logp"] = batch["old_logp"] + 0.1 * batch["loss_mask"]
+  mask = batch.tokens.loss_mask
+  mask[0, 3:] = 0
+  mask[5, :12] = 0
+  batch = batch.replace(advantages=np.random.default_rng(6).normal(size=(8,)).astype(np.float32),
+                        old_logp=batch.old_logp + 0.1 * mask)
   averages = {}
   for loss_type in rl.LOSS_TYPES:
-    stage = grpo_stage(0.04)
-    stage.scfg.rl.loss_type = loss_type
+    stage = grpo_stage(0.04, loss_type=loss_type)
     fn = jax.jit(lambda b: stage.loss(model, params, b, None, None, False)[:2])
     full_sum, full_count = fn(batch)
     # Micro-batch i: rows 2i and 2i + 1 only (the others masked out), so one compile serves all four.
-    parts = [fn({**batch, "loss_mask": batch["loss_mask"] * (np.arange(8)[:, None] // 2 == i)}) for i in range(4)]
+    parts = [fn(batch.replace(tokens=batch.tokens.replace(loss_mask=mask * (np.arange(8)[:, None] // 2 == i))))
+             for i in range(4)]
     acc_sum, acc_count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     assert acc_count == full_count
     np.testing.assert_allclose(acc_sum / acc_count, full_sum / full_count, rtol=1e-5)
@@ -200,20 +205,21 @@ def test_rl_log_probs_are_taken_at_the_sampling_temperature():
   ctx = train.build_context(cfg, "grpo", mesh=one_device_mesh())
   params = ctx.init_state().params
   batch = rollout_batch(ctx.lm_model, params, seed=3)
-  logits = np.asarray(ctx.lm_model.apply({"params": params}, batch["inputs"], batch["positions"],
-                                         batch["segment_ids"]), np.float64)
+  tokens = batch.tokens
+  logits = np.asarray(ctx.lm_model.apply({"params": params}, tokens.inputs, tokens.positions,
+                                         tokens.segment_ids).logits, np.float64)
   scaled = logits / 0.5
   logp_t = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
       scaled.max(-1, keepdims=True)
-  want = np.take_along_axis(logp_t, np.asarray(batch["targets"])[..., None], axis=-1)[..., 0] * batch["loss_mask"]
+  want = np.take_along_axis(logp_t, np.asarray(tokens.targets)[..., None], axis=-1)[..., 0] * tokens.loss_mask
   with ctx.activate():
-    passes = jax.device_get(ctx.stage.logprob_passes(ctx, params, batch))
+    passes = jax.device_get(ctx.stage.logprob_passes(ctx, params, tokens))
   np.testing.assert_allclose(passes["old_logp"], want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(passes["ref_logp"], want, rtol=1e-4, atol=1e-5)
-  _, logp, _ = ctx.stage.policy_pass(ctx.lm_model, params, batch, None, None, False)
-  np.testing.assert_allclose(np.asarray(logp) * batch["loss_mask"], want, rtol=1e-4, atol=1e-5)
-  at_t1 = np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(batch["targets"])[..., None], -1)[..., 0]
-  assert np.abs(np.asarray(at_t1) * batch["loss_mask"] - want).max() > 0.1  # The temperature matters.
+  _, logp, _ = ctx.stage.policy_pass(ctx.lm_model, params, tokens, None, None, False)
+  np.testing.assert_allclose(np.asarray(logp) * tokens.loss_mask, want, rtol=1e-4, atol=1e-5)
+  at_t1 = np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(tokens.targets)[..., None], -1)[..., 0]
+  assert np.abs(np.asarray(at_t1) * tokens.loss_mask - want).max() > 0.1  # The temperature matters.
 
 
 def test_grpo_groups_follow_prompt_order():
@@ -268,7 +274,7 @@ def test_sft_loss_and_gradient_ignore_prompt_labels():
   stage = stages.get("sft")
 
   def loss_and_grad(b):
-    return jax.value_and_grad(lambda p: stage.loss(model, p, b, None, None, False)[0])(params)
+    return jax.value_and_grad(lambda p: stage.loss(model, p, TokenBatch.from_dict(b), None, None, False)[0])(params)
   (l1, g1), (l2, g2) = loss_and_grad(batch), loss_and_grad(changed)
   assert l1 == l2
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), g1, g2)
@@ -280,6 +286,8 @@ def _tiny_stage_config(name, **kw):
                       max_seq_len=64))
   c.stages = (name,)
   c[name] = config_lib.stage_config(name, steps=4, batch_size=8, seq_len=16, warmup_steps=0, init_from="x", **kw)
+  if "rl" in c[name]:
+    c[name].rl.max_new_tokens = 8  # Below seq_len, as the rl config block requires.
   return config_lib.finalize(c)
 
 
@@ -290,21 +298,22 @@ def test_micro_batched_accumulation_equals_the_full_batch(kind):
     cfg = _tiny_stage_config(kind, grad_accum=accum)
     ctx = train.build_context(cfg, kind, mesh=one_device_mesh())
     state = ctx.init_state()
-    lm = {k: v for k, v in state.params.items() if k != "score_head"}
+    lm, _ = model_lib.split_head(state.params)
     if kind == "dpo":
       batch = with_reference(ctx.lm_model, lm, pair_batch(b=8, seed=5))
     else:
       batch = rollout_batch(ctx.lm_model, lm, seed=5)
-      batch["loss_mask"][0, 3:] = 0  # Unequal token counts per micro-batch.
+      mask = batch.tokens.loss_mask
+      mask[0, 3:] = 0  # Unequal token counts per micro-batch.
       rng = np.random.default_rng(6)
       if kind == "grpo":
-        batch["advantages"] = rng.normal(size=(8,)).astype(np.float32)
+        batch = batch.replace(advantages=rng.normal(size=(8,)).astype(np.float32))
       else:
-        for k in ("advantages", "returns", "old_values"):
-          batch[k] = rng.normal(size=(8, 16)).astype(np.float32) * batch["loss_mask"]
-      batch["old_logp"] = batch["old_logp"] + 0.1 * batch["loss_mask"]  # Ratios away from 1: clipping is active.
+        batch = batch.replace(**{k: rng.normal(size=(8, 16)).astype(np.float32) * mask
+                                 for k in ("advantages", "returns", "old_values")})
+      batch = batch.replace(old_logp=batch.old_logp + 0.1 * mask)  # Ratios away from 1: clipping is active.
     with ctx.activate():
-      new, metrics = ctx.jit_train_step()(state, batch, ctx.dyn_at(0))
+      new, metrics = ctx.jit_train_step()(state, batch, ctx.step_values_at(0))
     outs.append((jax.device_get(new.params), jax.device_get(metrics)))
   (p1, m1), (p4, m4) = outs
   assert m1["count"] == m4["count"]
@@ -392,15 +401,14 @@ def direction_run(tmp_path_factory):
 
 def _stage_eval(cfg, workdir, stage, params_from):
   """The stage's held-out metrics (its own `evaluate`) with the final parameters of stage `params_from`."""
-  ctx = train.build_context(cfg, stage, mesh=one_device_mesh())
-  ctx.tokenizer = train.tokenizer_for(cfg)
-  ctx.load_frozen(workdir)
-  params = train.load_final_params(workdir, params_from, ctx.abstract_state.params,
-                                   with_head=ctx.stage.score_head and params_from == stage)
+  ctx = train.build_context(cfg, stage, mesh=one_device_mesh(), tokenizer=inputs.tokenizer_for(cfg))
+  ctx = train.load_frozen(ctx, workdir)
+  params = workdir_lib.load_final_params(workdir, params_from, ctx.abstract_state.params,
+                                         with_head=ctx.stage.score_head and params_from == stage)
   with ctx.activate():
     if set(params) != set(ctx.abstract_state.params):  # A fresh head on the starting LM.
       params = ctx.init_state(params=params).params
-    return train.evaluate(ctx, ctx.jit_eval_step(), params, ctx.tokenizer)
+    return train.evaluate(ctx, ctx.jit_eval_step(), params)
 
 
 def test_sft_fits_a_handful_of_examples(direction_run):
