@@ -28,7 +28,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from ml_collections import config_flags
 
 from llmstages import cli, partitioning, train

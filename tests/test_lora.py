@@ -26,7 +26,7 @@ from tests.test_hf import TOKENS, add_tokenizer, hf_logits, make_hf_model, our_l
 ALL = ("attn/(q|k|v|o)/kernel$", "mlp/(gate|up|down)/kernel$", "lm_head/kernel$")
 
 
-def lcfg(rank=4, alpha=8.0, dropout=0.0, targets=ALL):
+def lora_config(rank=4, alpha=8.0, dropout=0.0, targets=ALL):
   c = config_lib.lora_config()
   c.update(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets))
   return c
@@ -55,7 +55,7 @@ def llama(tmp_path_factory):
 def test_fresh_adapters_change_nothing_and_merge_is_w_plus_scaled_ab(llama):
   for scan in (False, True):
     mc, params = hf.load(llama[0], scan_layers=scan)
-    cfg = lcfg(targets=("attn/o/kernel$", "mlp/down/kernel$"))
+    cfg = lora_config(targets=("attn/o/kernel$", "mlp/down/kernel$"))
     fresh = init_adapters(params, cfg)
     merge = jax.jit(lambda p, a: lora.merge(p, a, cfg))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), merge(params, fresh), params))
@@ -75,15 +75,15 @@ def test_fresh_adapters_change_nothing_and_merge_is_w_plus_scaled_ab(llama):
 def test_bad_targets_name_the_key(llama):
   _, params = hf.load(llama[0])
   with pytest.raises(ValueError, match=r"config.tune.lora.targets=\('nothing',\) match no parameter"):
-    lora.init(params, lcfg(targets=("nothing",)), jax.random.key(0), "config.tune")
+    lora.init(params, lora_config(targets=("nothing",)), jax.random.key(0), "config.tune")
   with pytest.raises(ValueError, match=r"'layers_0/attn_norm/scale' .*matches but is not a projection kernel"):
-    lora.init(params, lcfg(targets=("norm/scale",)), jax.random.key(0), "config.tune")
+    lora.init(params, lora_config(targets=("norm/scale",)), jax.random.key(0), "config.tune")
 
 
 def test_peft_adapter_matches_peft_logits(tmp_path, llama):
   for scan in (False, True):
     mc, params = hf.load(llama[0], scan_layers=scan)
-    cfg = lcfg()
+    cfg = lora_config()
     ad = random_adapters(params, cfg, seed=3)
     out = str(tmp_path / f"peft{scan}")
     adapters_lib.save_peft(mc, ad, cfg.rank, cfg.alpha, out, base_model=llama[0])
