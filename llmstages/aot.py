@@ -87,12 +87,12 @@ def host_data_layout(ctx) -> dict:
   rows [p * b, (p + 1) * b); when not (a mesh laid out along the chips' torus), the global batch is the same rows
   permuted between positions: a sum over rows is unchanged, and pairs (DPO) and groups (GRPO) stay together
   because every array of a batch is assembled the same way."""
-  rows = ctx.scfg.batch_size
+  rows = ctx.stage_config.batch_size
   hosts = sorted({d.process_index for d in ctx.mesh.devices.flat})
   if rows % len(hosts):
     raise ValueError(f"config.{ctx.name}.batch_size={rows} must divide by the topology's {len(hosts)} hosts")
   per_host = rows // len(hosts)
-  index_map = partitioning.batch_sharding(ctx.mesh).devices_indices_map((rows, ctx.scfg.seq_len))
+  index_map = partitioning.batch_sharding(ctx.mesh).devices_indices_map((rows, ctx.stage_config.seq_len))
   held, owner, order_kept = {}, {}, True
   for p in hosts:
     spans = sorted({(idx[0].start or 0, idx[0].stop or rows) for d, idx in index_map.items() if d.process_index == p})
@@ -154,12 +154,13 @@ def plan(config, stage: str, devices, decode: bool = True, costs_if_no_fit: bool
   fits = peak <= chip.hbm_bytes
   counted = costs and (fits or costs_if_no_fit)
   flops, hbm_bytes = step_costs(config, stage, mesh, compiled) if counted else (np.nan, np.nan)
-  scfg = ctx.scfg
-  tokens = scfg.batch_size * scfg.seq_len
-  model_flops = roofline.train_flops_per_token(ctx.model_cfg, scfg.seq_len) * tokens / len(devices)
+  stage_config = ctx.stage_config
+  tokens = stage_config.batch_size * stage_config.seq_len
+  model_flops = roofline.train_flops_per_token(ctx.model_cfg, stage_config.seq_len) * tokens / len(devices)
   out = dict(stage=stage, chips=len(devices), chip=chip, mesh=dict(mesh.shape), layout=layout,
              params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(ctx.abstract_state.params)),
-             batch=scfg.batch_size, seq_len=scfg.seq_len, grad_accum=scfg.grad_accum, remat=config.model.remat,
+             batch=stage_config.batch_size, seq_len=stage_config.seq_len, grad_accum=stage_config.grad_accum,
+             remat=config.model.remat,
              argument_bytes=m.argument_size_in_bytes, output_bytes=m.output_size_in_bytes,
              alias_bytes=m.alias_size_in_bytes, temp_bytes=m.temp_size_in_bytes, peak_bytes=peak,
              fits=fits, flops=flops, hbm_traffic=hbm_bytes, model_flops=model_flops,
@@ -174,7 +175,7 @@ def plan_decode(ctx, chip) -> dict:
   """The decode loop for the stage's batch of prompts (half of seq_len prompt, half new tokens): memory per chip and
   a per-token lower bound, reading this chip's parameters and KV cache once per token (XLA's cost analysis does
   not count a while loop's trips)."""
-  rows, half = ctx.scfg.batch_size, ctx.scfg.seq_len // 2
+  rows, half = ctx.stage_config.batch_size, ctx.stage_config.seq_len // 2
   sampler = Sampler(ctx.model_cfg, eos_id=1, pad_id=0, mesh=ctx.mesh, rules=ctx.rules)
   compiled = sampler.lower(ctx.abstract_lm_params(), rows, half, half).compile()
   m = compiled.memory_analysis()

@@ -28,11 +28,18 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from ml_collections import config_flags
 
-from llmstages import cli
+from llmstages import cli, partitioning, train
+from llmstages import sampler as sampler_lib
+from llmstages.inputs import TokenBatch
+from llmstages.model import Decoder, ModelConfig
 from llmstages.roofline import train_flops_per_token
+
+try:  # torch is optional: without it the bench runs with bench.torch=False.
+  from llmstages import torch_ref
+except ImportError:
+  torch_ref = None
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench.py", "Benchmark config.", lock_config=True)
 
@@ -66,13 +73,12 @@ class JaxTrainer:
   """Our train step on a fixed random batch; `run(n)` returns per-step seconds."""
 
   def __init__(self, config):
-    from llmstages import partitioning, train
     self.ctx = train.build_context(config, "pretrain")
-    scfg = self.ctx.scfg
-    self.tokens_per_step = scfg.batch_size * scfg.seq_len
-    self.batch = partitioning.global_batch(random_batch(config.model.vocab_size, scfg.batch_size, scfg.seq_len),
-                                           self.ctx.mesh)
-    self.dyn = jax.device_put(self.ctx.dyn_at(0), partitioning.replicated(self.ctx.mesh))
+    stage_config = self.ctx.stage_config
+    self.tokens_per_step = stage_config.batch_size * stage_config.seq_len
+    rows = random_batch(config.model.vocab_size, stage_config.batch_size, stage_config.seq_len)
+    self.batch = TokenBatch.from_dict(partitioning.global_batch(rows, self.ctx.mesh))
+    self.step_values = jax.device_put(self.ctx.step_values_at(0), partitioning.replicated(self.ctx.mesh))
     t = time.perf_counter()
     self.step = self.ctx.compile_train_step()  # The very executable the training loop runs.
     self.compile_s = time.perf_counter() - t
@@ -82,7 +88,7 @@ class JaxTrainer:
     times = []
     for _ in range(n):
       t = time.perf_counter()
-      self.state, metrics = self.step(self.state, self.batch, self.dyn)
+      self.state, metrics = self.step(self.state, self.batch, self.step_values)
       metrics["loss_sum"].block_until_ready()
       times.append(time.perf_counter() - t)
     self.last_loss = float(metrics["loss_sum"] / metrics["count"])
@@ -90,20 +96,20 @@ class JaxTrainer:
 
 
 class TorchTrainer:
-  def __init__(self, mc, scfg):
-    import torch
-    from llmstages import torch_ref
+  def __init__(self, mc, stage_config):
+    import torch  # Optional heavy dependency, only for the PyTorch baseline.
     self.torch = torch
     self.threads = torch_ref.machine_cores()
     torch.set_num_threads(self.threads)
     torch.manual_seed(0)
     self.model = torch_ref.TorchDecoder(mc).train()
-    self.opt = torch_ref.make_optimizer(self.model, scfg.learning_rate, scfg.reg.weight_decay, (scfg.b1, scfg.b2))
-    self.step = torch_ref.train_step_fn(self.model, self.opt, grad_clip=scfg.grad_clip)
-    batch = random_batch(mc.vocab_size, scfg.batch_size, scfg.seq_len)
+    self.opt = torch_ref.make_optimizer(self.model, stage_config.learning_rate, stage_config.reg.weight_decay,
+                                        (stage_config.b1, stage_config.b2))
+    self.step = torch_ref.train_step_fn(self.model, self.opt, grad_clip=stage_config.grad_clip)
+    batch = random_batch(mc.vocab_size, stage_config.batch_size, stage_config.seq_len)
     self.x = torch.from_numpy(batch["inputs"]).long()
     self.y = torch.from_numpy(batch["targets"]).long()
-    self.tokens_per_step = scfg.batch_size * scfg.seq_len
+    self.tokens_per_step = stage_config.batch_size * stage_config.seq_len
     self.fused = bool(self.opt.defaults.get("fused"))
 
   def run(self, n: int) -> list[float]:
@@ -170,9 +176,6 @@ def _race(fns: dict, rounds: int) -> dict[str, list[float]]:
 def bench_decode(config, label: str = "bench") -> None:
   """Our KV-cache sampler against the PyTorch reference's KV cache and transformers' `generate`, alternating;
   then our decoding by full recompute (once: it is slow)."""
-  from llmstages import sampler as sampler_lib
-  from llmstages import train
-  from llmstages.model import Decoder
   b = config.bench
   mc = _model_cfg(config)
   batch, plen, new = b.decode_batch, b.decode_prompt_len, b.decode_new_tokens
@@ -182,8 +185,7 @@ def bench_decode(config, label: str = "bench") -> None:
   s = sampler_lib.Sampler(mc, eos_id=-1, pad_id=0, mesh=ctx.mesh, rules=ctx.rules)  # No EOS: full length.
   fns = {"decode": lambda: s.generate(params, prompts.tolist(), max_new_tokens=new)}
   if b.torch:
-    import torch
-    from llmstages import torch_ref
+    import torch  # Optional heavy dependency, only for the PyTorch baselines.
     torch.set_num_threads(torch_ref.machine_cores())
     torch.manual_seed(0)
     tmodel = torch_ref.TorchDecoder(mc).eval()
@@ -214,7 +216,6 @@ def bench_decode(config, label: str = "bench") -> None:
 
 
 def _model_cfg(config):
-  from llmstages.model import ModelConfig
   return ModelConfig.from_config(config.model)
 
 

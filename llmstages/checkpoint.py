@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -33,9 +34,6 @@ class Checkpointer:
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
@@ -86,5 +84,4 @@ class Checkpointer:
 
 def ocp_sync():
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("llmstages_checkpoint_quarantine")

@@ -11,7 +11,7 @@ the evaluators do; `always` / `never` force it.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from llmstages import cli, load, pipeline
 

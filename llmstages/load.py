@@ -1,13 +1,15 @@
 """Loads a finished stage of a workdir for sampling: the resolved config, the tokenizer, a KV-cache sampler on
-the stage's mesh and the stage's final parameters. `generate` and `serve` share it, and `generate` (sampling with answers and a vote) lives here (an L4 helper for L5 entry
-points: it sits above `train`, which builds the stage's context and restores the parameters)."""
+the stage's mesh and the stage's final parameters. `generate` and `serve` share it, and `generate` (sampling with
+answers and a vote) lives here: an entry-point helper above `train`, which builds the stage's context, and
+`workdir`, which restores the parameters."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-from llmstages import pipeline, text, train
+from llmstages import inputs, pipeline, text, train
+from llmstages import workdir as workdir_lib
 from llmstages.data import chat as data_chat
 from llmstages.evals import core, evaluators
 from llmstages.sampler import Sampler
@@ -31,12 +33,12 @@ def load_stage(workdir: str, stage: str, mc_dropout: float = 0.0, needed_by: str
   config = pipeline.load_config(workdir)
   if stage not in config.stages:
     raise ValueError(f"--stage={stage!r} is not one of this workdir's stages {list(config.stages)}")
-  tctx = train.build_context(config, stage)
-  params = train.load_final_params(workdir, stage, tctx.abstract_lm_params(),
-                                   needed_by=needed_by or f"--stage={stage}")
-  tok = train.tokenizer_for(config)
-  sampler = Sampler(tctx.model_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=tctx.mesh, rules=tctx.rules,
-                    mc_dropout=mc_dropout)
+  stage_ctx = train.build_context(config, stage)
+  params = workdir_lib.load_final_params(workdir, stage, stage_ctx.abstract_lm_params(),
+                                         needed_by=needed_by or f"--stage={stage}")
+  tok = inputs.tokenizer_for(config)
+  sampler = Sampler(stage_ctx.model_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=stage_ctx.mesh,
+                    rules=stage_ctx.rules, mc_dropout=mc_dropout)
   return LoadedStage(config=config, stage=stage, tokenizer=tok, sampler=sampler, params=params)
 
 

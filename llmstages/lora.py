@@ -34,29 +34,29 @@ from llmstages.model import HEAD_PARAMS
 IN_DIMS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1, "lm_head": 1}
 
 
-def enabled(lcfg) -> bool:
-  return lcfg is not None and lcfg.rank > 0
+def enabled(lora_config) -> bool:
+  return lora_config is not None and lora_config.rank > 0
 
 
-def scale(lcfg) -> float:
-  return float(lcfg.alpha) / float(lcfg.rank)
+def scale(lora_config) -> float:
+  return float(lora_config.alpha) / float(lora_config.rank)
 
 
-def validate(lcfg, where: str) -> None:
-  if lcfg.rank < 0:
-    raise ValueError(f"{where}.lora.rank must be >= 0, got {lcfg.rank}")
-  if not 0.0 <= lcfg.dropout < 1.0:
-    raise ValueError(f"{where}.lora.dropout must be in [0, 1), got {lcfg.dropout}")
-  for pattern in lcfg.targets:
+def validate(lora_config, where: str) -> None:
+  if lora_config.rank < 0:
+    raise ValueError(f"{where}.lora.rank must be >= 0, got {lora_config.rank}")
+  if not 0.0 <= lora_config.dropout < 1.0:
+    raise ValueError(f"{where}.lora.dropout must be in [0, 1), got {lora_config.dropout}")
+  for pattern in lora_config.targets:
     try:
       re.compile(pattern)
     except re.error as e:
       raise ValueError(f"{where}.lora.targets: bad regex {pattern!r}: {e}") from None
 
 
-def targets(flat_shapes: dict[str, tuple[int, ...]], lcfg, where: str) -> dict[str, tuple[int, bool]]:
+def targets(flat_shapes: dict[str, tuple[int, ...]], lora_config, where: str) -> dict[str, tuple[int, bool]]:
   """{path: (input axes, has a leading layer axis)} of the kernels the `targets` regexes pick."""
-  patterns = [re.compile(p) for p in lcfg.targets]
+  patterns = [re.compile(p) for p in lora_config.targets]
   out = {}
   for path, shape in flat_shapes.items():
     if path.split("/")[0] in HEAD_PARAMS or not any(p.search(path) for p in patterns):
@@ -67,7 +67,7 @@ def targets(flat_shapes: dict[str, tuple[int, ...]], lcfg, where: str) -> dict[s
                        f"kernel LoRA can adapt (one of {sorted(IN_DIMS)}); narrow the regex")
     out[path] = (IN_DIMS[parts[-2]], parts[0] == "layers")
   if not out:
-    raise ValueError(f"{where}.lora.targets={tuple(lcfg.targets)} match no parameter; paths look like "
+    raise ValueError(f"{where}.lora.targets={tuple(lora_config.targets)} match no parameter; paths look like "
                      f"{sorted(flat_shapes)[:4]}")
   return out
 
@@ -82,11 +82,11 @@ def _split(shape, n_in: int, layered: bool):
   return lead, rest[:n_in], rest[n_in:]
 
 
-def init(base, lcfg, rng: jax.Array, where: str = "config.lora") -> dict:
-  """Fresh adapters for the kernels of `base` that `lcfg.targets` pick (plus a copy of any scalar head)."""
+def init(base, lora_config, rng: jax.Array, where: str = "config.lora") -> dict:
+  """Fresh adapters for the kernels of `base` that `lora_config.targets` pick (plus a copy of any scalar head)."""
   flat = _flat(base)
-  picked = targets({p: tuple(x.shape) for p, x in flat.items()}, lcfg, where)
-  r = int(lcfg.rank)
+  picked = targets({p: tuple(x.shape) for p, x in flat.items()}, lora_config, where)
+  r = int(lora_config.rank)
   out = {}
   for i, (path, (n_in, layered)) in enumerate(sorted(picked.items())):
     lead, ins, outs = _split(flat[path].shape, n_in, layered)
@@ -131,15 +131,15 @@ def delta(a, b, layered: bool):
   return jnp.matmul(a2, b2).reshape(lead + ins + outs)
 
 
-def merge(base, adapters, lcfg, rng: jax.Array | None = None):
+def merge(base, adapters, lora_config, rng: jax.Array | None = None):
   """The full parameters: each adapted kernel W + scale * a @ b (rank dropout when `rng` is given)."""
   flat, ad = dict(_flat(base)), _flat(adapters)
-  s = scale(lcfg)
+  s = scale(lora_config)
   for i, path in enumerate(sorted(p[:-2] for p in ad if p.endswith("/a"))):
     a, b = ad[f"{path}/a"], ad[f"{path}/b"]
     layered = path.startswith("layers/")
-    if rng is not None and lcfg.dropout > 0:
-      keep = 1.0 - lcfg.dropout
+    if rng is not None and lora_config.dropout > 0:
+      keep = 1.0 - lora_config.dropout
       mask_shape = a.shape[:1] + (1,) * (a.ndim - 2) + a.shape[-1:] if layered else (1,) * (a.ndim - 1) + a.shape[-1:]
       mask = jax.random.bernoulli(jax.random.fold_in(rng, i), keep, mask_shape)
       a = jnp.where(mask, a / keep, 0.0)

@@ -7,10 +7,15 @@ On several hosts, run the same command on every host, adding
 (TPU pods and SLURM find their peers without these: pass --distributed=auto).
 """
 
+import os
+
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from llmstages import cli
+# Importing these initializes no JAX backend (nothing touches a device at import time), so `main` can still set
+# up jax.distributed and the CPU device count before the first device query; keep it that way.
+from llmstages import cli, partitioning, pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with :ARG.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -27,14 +32,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from llmstages import partitioning
   if _DISTRIBUTED.value == "auto":
-    import os
     os.environ["LLMSTAGES_DISTRIBUTED"] = "auto"
   partitioning.maybe_initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                             _CPU_DEVICES.value)
-  import jax
-  from llmstages import pipeline
   config = _CONFIG.value
   if jax.process_index() == 0:
     print("Resolved config:\n" + str(config), flush=True)

@@ -6,14 +6,15 @@ import json
 import os
 
 import jax
+import ml_collections
 
+from llmstages import evals, inputs, train
 from llmstages import stages as stages_lib
-from llmstages import train
+from llmstages import workdir as workdir_lib
 
 
 def load_config(workdir: str):
   """The resolved config a pipeline wrote to `workdir/config.json`, as a locked ConfigDict."""
-  import ml_collections
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a directory a pipeline ran in")
@@ -43,30 +44,35 @@ def write_resolved_config(config, workdir: str) -> None:
     f.write(text)
 
 
+def check_stages(config, workdir: str) -> None:
+  """Fails, naming the config key, before anything is written: a bad stage block, an `init_from` or frozen model
+  that neither runs earlier nor finished in `workdir`, an unknown evaluator."""
+  for name in config.stages:
+    train.validate_stage_config(config, name)
+    init_from = config[name].init_from
+    if init_from and init_from not in config.stages[:config.stages.index(name)] and \
+        not workdir_lib.stage_finished(workdir, init_from):
+      raise ValueError(f"config.{name}.init_from={init_from!r}: that stage neither runs before {name!r} in "
+                       f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
+    earlier = config.stages[:config.stages.index(name)]
+    stage = stages_lib.get(config[name].get("kind") or name, config[name], f"config.{name}")
+    for role, (source, _) in stage.frozen_models().items():
+      if source not in earlier and not workdir_lib.stage_finished(workdir, source):
+        raise ValueError(f"config.{name}: its {role} model, stage {source!r}, neither runs before {name!r} in "
+                         f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
+  for name in config.stages:
+    for evaluator in config[name].evals:
+      evals.get(evaluator)  # An unknown evaluator fails before anything is written.
+
+
 def run(config, workdir: str, mesh=None) -> list[dict]:
   """Runs every stage of `config.stages` in `workdir`. Finished stages are skipped; an interrupted one resumes.
 
   `mesh` overrides the one `config.mesh` would build from all devices (tests pin runs to a subset).
   """
-  for name in config.stages:
-    train.validate_stage_config(config, name)
-    init_from = config[name].init_from
-    if init_from and init_from not in config.stages[:config.stages.index(name)] and \
-        not train.stage_finished(workdir, init_from):
-      raise ValueError(f"config.{name}.init_from={init_from!r}: that stage neither runs before {name!r} in "
-                       f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
-    earlier = config.stages[:config.stages.index(name)]
-    stage = stages_lib.get(config[name].get("kind") or name, config[name], f"config.{name}")
-    for role, (source, _) in stage.frozen_models(config[name]).items():
-      if source not in earlier and not train.stage_finished(workdir, source):
-        raise ValueError(f"config.{name}: its {role} model, stage {source!r}, neither runs before {name!r} in "
-                         f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
-  from llmstages import evals
-  for name in config.stages:
-    for ev in config[name].evals:
-      evals.get(ev)  # An unknown evaluator fails before anything is written.
+  check_stages(config, workdir)
   write_resolved_config(config, workdir)
-  tokenizer = train.tokenizer_for(config)
+  tokenizer = inputs.tokenizer_for(config)
   results = []
   for name in config.stages:
     results.append(train.run_stage(config, name, workdir, tokenizer=tokenizer, mesh=mesh))

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmstages import partitioning
 from llmstages.losses import first_argmax
 from llmstages.model import Decoder, ModelConfig, RegSites, init_cache, zero_rates
 
@@ -104,10 +105,9 @@ def _generate(params, prompt_BxP, kv_start_B, rng, temperature, top_k, top_p, mc
                                       "drop_path": jnp.zeros_like(rates["drop_path"])}
 
   def apply(tokens_BxL, positions_BxL, cache, index, key):
-    logits_BxLxV, cache = model.apply({"params": params}, tokens_BxL, positions_BxL, cache=cache,
-                                      cache_index=index, kv_start_B=kv_start_B, rates=rates,
-                                      deterministic=not mc, rngs={"dropout": key} if mc else None)
-    return logits_BxLxV[:, -1], cache
+    out = model.apply({"params": params}, tokens_BxL, positions_BxL, cache=cache, cache_index=index,
+                      kv_start_B=kv_start_B, rates=rates, deterministic=not mc, rngs={"dropout": key} if mc else None)
+    return out.logits[:, -1], out.cache
 
   positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - kv_start_B[:, None], 0)
   rng, key = jax.random.split(rng)
@@ -186,7 +186,6 @@ class Sampler:
     kwargs = dict(model=self.model, new_tokens=max_new_tokens, eos_id=self.eos_id, pad_id=self.pad_id,
                   filtering=filtering, mc=self.mc_dropout > 0)
     if self.mesh is not None:
-      from llmstages import partitioning
       with partitioning.activate(self.mesh, self.rules):
         tokens, logps = _generate(*args, **kwargs)
     else:
@@ -196,7 +195,6 @@ class Sampler:
     lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, max_new_tokens).astype(np.int32)
     prompt_index = np.repeat(np.arange(len(prompts)), num_samples)
     return Samples(tokens=tokens, logprobs=logps, lengths=lengths, prompt_index=prompt_index)
-
 
   def lower(self, params, rows: int, prompt_len: int, max_new_tokens: int, filtering: bool = False):
     """The decode loop `generate` runs, lowered for `rows` prompts of `prompt_len` tokens and not run: `params` may
@@ -212,9 +210,9 @@ class Sampler:
                   filtering=filtering, mc=self.mc_dropout > 0)
     if self.mesh is None:
       return _generate.lower(*args, **kwargs)
-    from llmstages import partitioning
     with partitioning.activate(self.mesh, self.rules):
       return _generate.lower(*args, **kwargs)
+
 
 @functools.partial(jax.jit, static_argnames=("model", "new_tokens"))
 def generate_without_cache(params, prompt_BxP, *, model: Decoder, new_tokens: int):
@@ -226,7 +224,7 @@ def generate_without_cache(params, prompt_BxP, *, model: Decoder, new_tokens: in
   buf = jnp.concatenate([prompt_BxP, jnp.zeros((b, new_tokens), jnp.int32)], axis=1)
 
   def body(i, buf):
-    logits = model.apply({"params": params}, buf)
+    logits = model.apply({"params": params}, buf).logits
     nxt = first_argmax(jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False))
     return jax.lax.dynamic_update_index_in_dim(buf, nxt.astype(jnp.int32), p + i, axis=1)
 

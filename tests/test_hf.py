@@ -42,7 +42,7 @@ def hf_logits(model, tokens=TOKENS):
 
 @functools.lru_cache(maxsize=None)
 def _forward(mc):
-  return jax.jit(lambda params, tokens: Decoder(mc).apply({"params": params}, tokens))
+  return jax.jit(lambda params, tokens: Decoder(mc).apply({"params": params}, tokens).logits)
 
 
 def our_logits(mc, params, tokens=TOKENS):
@@ -279,7 +279,8 @@ def test_chat_data_is_rendered_in_the_models_template(tmp_path):
 
 
 def test_cli_import_generate_export(tmp_path, llama_dir):
-  from llmstages import load, train
+  from llmstages import load
+  from llmstages import workdir as workdir_lib
   from llmstages.hf import commands as cli
   src = str(tmp_path / "src")
   shutil.copytree(llama_dir[0], src)
@@ -287,7 +288,7 @@ def test_cli_import_generate_export(tmp_path, llama_dir):
   model = llama_dir[1]
   work = str(tmp_path / "work")
   cli.import_model(src, work, "base", scan_layers=True)
-  assert train.stage_finished(work, "base")
+  assert workdir_lib.stage_finished(work, "base")
   # generate --stage=base: greedy continuation equals transformers' greedy generate.
   prompt = "hello world"
   out = load.generate(work, "base", [prompt], max_new_tokens=6, temperature=0.0)
@@ -313,7 +314,7 @@ def test_imported_stage_that_was_never_imported_says_how(tmp_path, llama_dir):
 
 
 def test_finetune_config_builds_every_stage_from_the_imported_model(tmp_path, llama_dir):
-  from llmstages import train
+  from llmstages import inputs, train
   from tests.helpers import load_config, one_device_mesh
   src = str(tmp_path / "src")
   shutil.copytree(llama_dir[0], src)
@@ -326,7 +327,7 @@ def test_finetune_config_builds_every_stage_from_the_imported_model(tmp_path, ll
     assert [c[s].init_from for s in c.stages] == ["", "base", "sft", "instruct", "dpo"]
     mc = hf.config_from_hf(src)
     assert (c.model.d_model, c.model.num_kv_heads, c.model.rope_theta) == (mc.d_model, 2, 5e4)
-    assert train.tokenizer_for(c).vocab_size == transformers.AutoTokenizer.from_pretrained(src).vocab_size
+    assert inputs.tokenizer_for(c).vocab_size == transformers.AutoTokenizer.from_pretrained(src).vocab_size
     for name in c.stages:
       ctx = train.build_context(c, name, mesh=one_device_mesh())
       assert bool(ctx.lora) == ("lora" in arg and name != "base")

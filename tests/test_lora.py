@@ -16,7 +16,8 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from llmstages import config as config_lib  # noqa: E402
-from llmstages import hf, lora, pipeline, train  # noqa: E402
+from llmstages import checkpoint, hf, lora, pipeline, train  # noqa: E402
+from llmstages import workdir as workdir_lib  # noqa: E402
 from llmstages.hf import adapters as adapters_lib  # noqa: E402
 from llmstages.hf import commands  # noqa: E402
 from tests.helpers import one_device_mesh, read_metrics  # noqa: E402
@@ -25,7 +26,7 @@ from tests.test_hf import TOKENS, add_tokenizer, hf_logits, make_hf_model, our_l
 ALL = ("attn/(q|k|v|o)/kernel$", "mlp/(gate|up|down)/kernel$", "lm_head/kernel$")
 
 
-def lcfg(rank=4, alpha=8.0, dropout=0.0, targets=ALL):
+def lora_config(rank=4, alpha=8.0, dropout=0.0, targets=ALL):
   c = config_lib.lora_config()
   c.update(dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets))
   return c
@@ -54,7 +55,7 @@ def llama(tmp_path_factory):
 def test_fresh_adapters_change_nothing_and_merge_is_w_plus_scaled_ab(llama):
   for scan in (False, True):
     mc, params = hf.load(llama[0], scan_layers=scan)
-    cfg = lcfg(targets=("attn/o/kernel$", "mlp/down/kernel$"))
+    cfg = lora_config(targets=("attn/o/kernel$", "mlp/down/kernel$"))
     fresh = init_adapters(params, cfg)
     merge = jax.jit(lambda p, a: lora.merge(p, a, cfg))
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), merge(params, fresh), params))
@@ -74,15 +75,15 @@ def test_fresh_adapters_change_nothing_and_merge_is_w_plus_scaled_ab(llama):
 def test_bad_targets_name_the_key(llama):
   _, params = hf.load(llama[0])
   with pytest.raises(ValueError, match=r"config.tune.lora.targets=\('nothing',\) match no parameter"):
-    lora.init(params, lcfg(targets=("nothing",)), jax.random.key(0), "config.tune")
+    lora.init(params, lora_config(targets=("nothing",)), jax.random.key(0), "config.tune")
   with pytest.raises(ValueError, match=r"'layers_0/attn_norm/scale' .*matches but is not a projection kernel"):
-    lora.init(params, lcfg(targets=("norm/scale",)), jax.random.key(0), "config.tune")
+    lora.init(params, lora_config(targets=("norm/scale",)), jax.random.key(0), "config.tune")
 
 
 def test_peft_adapter_matches_peft_logits(tmp_path, llama):
   for scan in (False, True):
     mc, params = hf.load(llama[0], scan_layers=scan)
-    cfg = lcfg()
+    cfg = lora_config()
     ad = random_adapters(params, cfg, seed=3)
     out = str(tmp_path / f"peft{scan}")
     adapters_lib.save_peft(mc, ad, cfg.rank, cfg.alpha, out, base_model=llama[0])
@@ -122,11 +123,11 @@ def test_lora_finetune_trains_adapters_only_and_exports(tmp_path, llama):
   assert np.mean([losses[s] for s in (18, 19, 20)]) < np.mean([losses[s] for s in (1, 2, 3)]) - 0.3
   assert np.mean([acc[s] for s in (18, 19, 20)]) > 0.3 > acc[1]
   ctx = train.build_context(config, "tune", mesh=one_device_mesh())
-  base = train.load_final_params(work, "base", ctx.abstract_params)
-  adapters, meta = train.load_final_lora(work, "tune", ctx.abstract_state.params)
+  base = workdir_lib.load_final_params(work, "base", ctx.abstract_params)
+  adapters, meta = workdir_lib.load_final_lora(work, "tune", ctx.abstract_state.params)
   assert meta["rank"] == 4 and adapters["layers_0"]["attn"]["q"]["kernel"]["a"].shape == (64, 4)
   # Only adapters have optimizer state; the base passed through the stage bit for bit.
-  ckpt = train.ckpt_lib.Checkpointer(os.path.join(work, "tune", "checkpoints"))
+  ckpt = checkpoint.Checkpointer(os.path.join(work, "tune", "checkpoints"))
   try:
     _, state, _ = ckpt.restore_latest(ctx.abstract_state)
   finally:
@@ -137,7 +138,7 @@ def test_lora_finetune_trains_adapters_only_and_exports(tmp_path, llama):
   assert n_adapter < 0.2 * sum(x.size for x in jax.tree.leaves(base))
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.base, base))
   # final_params is the merged model (what later stages and evaluators read).
-  final = train.load_final_params(work, "tune", ctx.abstract_params)
+  final = workdir_lib.load_final_params(work, "tune", ctx.abstract_params)
   merged = jax.jit(lambda p, a: lora.merge(p, a, config.tune.lora))(base, adapters)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.allclose(a, b, atol=1e-6)), final, merged))
   ours = our_logits(ctx.model_cfg, final)

@@ -13,7 +13,7 @@ from tests.helpers import init_params, packed_batch, tiny
 
 def _apply(cfg, params, batch, **kw):
   return Decoder(cfg, kw.pop("sites", RegSites())).apply({"params": params}, batch["inputs"], batch["positions"],
-                                                         batch["segment_ids"], **kw)
+                                                         batch["segment_ids"], **kw).logits
 
 
 def test_shapes_and_param_names():

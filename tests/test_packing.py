@@ -20,7 +20,7 @@ def test_changing_one_packed_document_leaves_the_others_logits(tmp_path):
   cfg = tiny(vocab_size=320, max_seq_len=64)
   params = init_params(cfg)
   model = Decoder(cfg)
-  run = lambda b: np.asarray(model.apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"]))
+  run = lambda b: np.asarray(model.apply({"params": params}, b["inputs"], b["positions"], b["segment_ids"]).logits)
   before = run(batch)
   changed = {k: v.copy() for k, v in batch.items()}
   second = changed["segment_ids"][row] == 2

@@ -1,11 +1,7 @@
-"""Post-training stages: identities (DPO = log 2, GRPO zero advantage, GAE, SFT masking, accumulation), errors,
-and direction on tiny models trained from files (SFT fits, reward model and DPO beat chance on held-out pairs, GRPO
-raises arithmetic reward, PPO raises the reward model's score)."""
+"""Post-training stages: identities (DPO = log 2, GRPO zero advantage, GAE, SFT masking, accumulation) and errors.
+Direction on tiny models trained from files is in test_post_direction.py."""
 
-import json
 import math
-import os
-import random
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +10,11 @@ import pytest
 
 from llmstages import config as config_lib
 from llmstages import losses, pipeline, rewards, stages, train
+from llmstages import model as model_lib
+from llmstages.inputs import TokenBatch
 from llmstages.model import Decoder
 from llmstages.stages import preference, rl
-from tests.helpers import init_params, one_device_mesh, packed_batch, read_metrics, tiny
+from tests.helpers import init_params, one_device_mesh, packed_batch, tiny
 
 
 def pair_batch(b=4, length=16, vocab=64, seed=0):
@@ -34,19 +32,19 @@ def pair_batch(b=4, length=16, vocab=64, seed=0):
     out[side] = {"inputs": (tokens[:, :-1] * real).astype(np.int32), "targets": (tokens[:, 1:] * real).astype(np.int32),
                  "loss_mask": ((pos >= prompt_len[:, None] - 1) & real).astype(np.float32),
                  "segment_ids": real.astype(np.int32), "positions": (pos * real).astype(np.int32)}
-  return out
+  return preference.PreferenceBatch.from_dict(out)
 
 
 def dpo_stage(**dpo):
-  scfg = config_lib.stage_config("dpo", init_from="sft")
-  scfg.dpo.update(dpo)
-  return stages.get("dpo", scfg)
+  stage_config = config_lib.stage_config("dpo", init_from="sft")
+  stage_config.dpo.update(dpo)
+  return stages.get("dpo", stage_config)
 
 
 def with_reference(model, params, pair):
   lp = preference.sequence_logprobs(model, params, preference._both(pair))
   b = lp.shape[0] // 2
-  return {**pair, "ref_chosen": lp[:b], "ref_rejected": lp[b:]}
+  return pair.replace(ref_chosen=lp[:b], ref_rejected=lp[b:])
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
@@ -88,10 +86,10 @@ def test_ipo_averages_log_ratios_per_token_by_hand():
   pair = with_reference(model, ref_params, pair_batch())
 
   def side_means(p, side):
-    b = pair[side]
-    lp = jax.nn.log_softmax(model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"]), axis=-1)
-    tok = np.take_along_axis(np.asarray(lp), np.asarray(b["targets"])[..., None], axis=-1)[..., 0]
-    return (tok * b["loss_mask"]).sum(-1), b["loss_mask"].sum(-1)
+    b = getattr(pair, side)
+    lp = jax.nn.log_softmax(model.apply({"params": p}, b.inputs, b.positions, b.segment_ids).logits, axis=-1)
+    tok = np.take_along_axis(np.asarray(lp), np.asarray(b.targets)[..., None], axis=-1)[..., 0]
+    return (tok * b.loss_mask).sum(-1), b.loss_mask.sum(-1)
   (pc, nc), (pr, nr) = side_means(params, "chosen"), side_means(params, "rejected")
   (rc, _), (rr, _) = side_means(ref_params, "chosen"), side_means(ref_params, "rejected")
   for ipo_logps, delta in (("token_mean", (pc - rc) / nc - (pr - rr) / nr), ("sum", (pc - rc) - (pr - rr))):
@@ -100,28 +98,29 @@ def test_ipo_averages_log_ratios_per_token_by_hand():
     np.testing.assert_allclose(loss_sum / count, np.mean((delta - 1.0) ** 2), rtol=1e-4)  # f32 sums in another order
   assert config_lib.dpo_config().ipo_logps == "token_mean"
   with pytest.raises(ValueError, match="dpo.ipo_logps: 'mean' is not one of token_mean, sum"):
-    dpo_stage(ipo_logps="mean").frozen_models(dpo_stage(ipo_logps="mean").scfg)
+    dpo_stage(ipo_logps="mean").frozen_models()
 
 
 def test_reward_loss_is_log2_with_a_fresh_head():
   cfg = tiny()
   model = Decoder(cfg, score_head=True)
-  params = jax.tree.map(jnp.asarray, train._init_params(model, jax.random.key(0)))
+  params = jax.tree.map(jnp.asarray, model_lib.init_params(model, jax.random.key(0)))
   loss_sum, count, metrics = stages.get("reward").loss(model, params, pair_batch(), None, None, False)
   np.testing.assert_allclose(loss_sum / count, math.log(2), rtol=1e-6)  # Zero-initialized head: equal scores.
 
 
-def grpo_stage(kl_coef):
-  scfg = config_lib.stage_config("grpo", init_from="sft")
-  scfg.rl.kl_coef = kl_coef
-  return stages.get("grpo", scfg)
+def grpo_stage(kl_coef, **rl_overrides):
+  stage_config = config_lib.stage_config("grpo", init_from="sft")
+  stage_config.rl.kl_coef = kl_coef
+  stage_config.rl.update(rl_overrides)
+  return stages.get("grpo", stage_config)
 
 
 def rollout_batch(model, params, seed=0, b=8):
   batch = packed_batch(batch=b, length=16, vocab=64, seed=seed, docs_per_row=1)
-  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]).logits
   logp = losses.token_logprobs(logits, batch["targets"]) * batch["loss_mask"]
-  return {**batch, "old_logp": logp, "ref_logp": logp}
+  return rl.RolloutBatch(tokens=TokenBatch.from_dict(batch), old_logp=logp, ref_logp=logp)
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, 0.04])
@@ -131,14 +130,14 @@ def test_grpo_equal_rewards_give_zero_advantage_and_gradient(kl_coef):
   assert np.all(adv == 0) and flat.tolist() == [True, True]
   cfg = tiny()
   model, params = Decoder(cfg), init_params(cfg, seed=2)
-  batch = {**rollout_batch(model, params), "advantages": jnp.asarray(adv)}
+  batch = rollout_batch(model, params).replace(advantages=jnp.asarray(adv))
   stage = grpo_stage(kl_coef)
   grads = jax.grad(lambda p: stage.loss(model, p, batch, None, None, False)[0])(params)
   worst = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
   assert worst == 0.0 if kl_coef == 0 else worst < 1e-6
   # A group with different rewards does get a gradient.
   adv2, _ = rl.group_advantages(np.array([0.0, 1.0, 0.0, 0.0] + [1.0] * 4), 4, 1e-4)
-  batch2 = {**batch, "advantages": jnp.asarray(adv2)}
+  batch2 = batch.replace(advantages=jnp.asarray(adv2))
   grads2 = jax.grad(lambda p: stage.loss(model, p, batch2, None, None, False)[0])(params)
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads2)) > 1e-4
 
@@ -154,11 +153,11 @@ def test_grpo_loss_types_by_hand(loss_type):
   mask = np.zeros((4, 16), np.float32)
   for row, n in enumerate((1, 2, 3, 4)):
     mask[row, 5:5 + n] = 1.0
-  batch = {**batch, "loss_mask": mask, "advantages": jnp.array([1.0, -1.0, 2.0, 0.5])}
-  logits = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
-  batch["old_logp"] = batch["ref_logp"] = losses.token_logprobs(logits, batch["targets"]) * mask
-  stage = grpo_stage(0.0)
-  stage.scfg.rl.loss_type, stage.scfg.rl.max_new_tokens = loss_type, 8
+  tokens = batch.tokens.replace(loss_mask=mask)
+  logits = model.apply({"params": params}, tokens.inputs, tokens.positions, tokens.segment_ids).logits
+  logp = losses.token_logprobs(logits, tokens.targets) * mask
+  batch = batch.replace(tokens=tokens, advantages=jnp.array([1.0, -1.0, 2.0, 0.5]), old_logp=logp, ref_logp=logp)
+  stage = grpo_stage(0.0, loss_type=loss_type, max_new_tokens=8)
   loss_sum, count, metrics = stage.loss(model, params, batch, None, None, False)
   expected = {"dapo": (-7.0, 10.0), "grpo": (-2.5, 4.0), "dr_grpo": (-7.0 / 8, 4.0)}[loss_type]
   np.testing.assert_allclose([loss_sum, count], expected, rtol=1e-5)
@@ -173,18 +172,19 @@ def test_grpo_loss_types_accumulate_exactly():
   cfg = tiny()
   model, params = Decoder(cfg), init_params(cfg, seed=4)
   batch = rollout_batch(model, params, seed=5)
-  batch["loss_mask"][0, 3:] = 0
-  batch["loss_mask"][5, :12] = 0
-  batch["advantages"] = np.random.default_rng(6).normal(size=(8,)).astype(np.float32)
-  batch["old_logp"] = batch["old_logp"] + 0.1 * batch["loss_mask"]
+  mask = batch.tokens.loss_mask
+  mask[0, 3:] = 0
+  mask[5, :12] = 0
+  batch = batch.replace(advantages=np.random.default_rng(6).normal(size=(8,)).astype(np.float32),
+                        old_logp=batch.old_logp + 0.1 * mask)
   averages = {}
   for loss_type in rl.LOSS_TYPES:
-    stage = grpo_stage(0.04)
-    stage.scfg.rl.loss_type = loss_type
+    stage = grpo_stage(0.04, loss_type=loss_type)
     fn = jax.jit(lambda b: stage.loss(model, params, b, None, None, False)[:2])
     full_sum, full_count = fn(batch)
     # Micro-batch i: rows 2i and 2i + 1 only (the others masked out), so one compile serves all four.
-    parts = [fn({**batch, "loss_mask": batch["loss_mask"] * (np.arange(8)[:, None] // 2 == i)}) for i in range(4)]
+    parts = [fn(batch.replace(tokens=batch.tokens.replace(loss_mask=mask * (np.arange(8)[:, None] // 2 == i))))
+             for i in range(4)]
     acc_sum, acc_count = sum(p[0] for p in parts), sum(p[1] for p in parts)
     assert acc_count == full_count
     np.testing.assert_allclose(acc_sum / acc_count, full_sum / full_count, rtol=1e-5)
@@ -200,20 +200,21 @@ def test_rl_log_probs_are_taken_at_the_sampling_temperature():
   ctx = train.build_context(cfg, "grpo", mesh=one_device_mesh())
   params = ctx.init_state().params
   batch = rollout_batch(ctx.lm_model, params, seed=3)
-  logits = np.asarray(ctx.lm_model.apply({"params": params}, batch["inputs"], batch["positions"],
-                                         batch["segment_ids"]), np.float64)
+  tokens = batch.tokens
+  logits = np.asarray(ctx.lm_model.apply({"params": params}, tokens.inputs, tokens.positions,
+                                         tokens.segment_ids).logits, np.float64)
   scaled = logits / 0.5
   logp_t = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
       scaled.max(-1, keepdims=True)
-  want = np.take_along_axis(logp_t, np.asarray(batch["targets"])[..., None], axis=-1)[..., 0] * batch["loss_mask"]
+  want = np.take_along_axis(logp_t, np.asarray(tokens.targets)[..., None], axis=-1)[..., 0] * tokens.loss_mask
   with ctx.activate():
-    passes = jax.device_get(ctx.stage.logprob_passes(ctx, params, batch))
+    passes = jax.device_get(ctx.stage.logprob_passes(ctx, params, tokens))
   np.testing.assert_allclose(passes["old_logp"], want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(passes["ref_logp"], want, rtol=1e-4, atol=1e-5)
-  _, logp, _ = ctx.stage.policy_pass(ctx.lm_model, params, batch, None, None, False)
-  np.testing.assert_allclose(np.asarray(logp) * batch["loss_mask"], want, rtol=1e-4, atol=1e-5)
-  at_t1 = np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(batch["targets"])[..., None], -1)[..., 0]
-  assert np.abs(np.asarray(at_t1) * batch["loss_mask"] - want).max() > 0.1  # The temperature matters.
+  _, logp, _ = ctx.stage.policy_pass(ctx.lm_model, params, tokens, None, None, False)
+  np.testing.assert_allclose(np.asarray(logp) * tokens.loss_mask, want, rtol=1e-4, atol=1e-5)
+  at_t1 = np.take_along_axis(jax.nn.log_softmax(logits), np.asarray(tokens.targets)[..., None], -1)[..., 0]
+  assert np.abs(np.asarray(at_t1) * tokens.loss_mask - want).max() > 0.1  # The temperature matters.
 
 
 def test_grpo_groups_follow_prompt_order():
@@ -268,7 +269,7 @@ def test_sft_loss_and_gradient_ignore_prompt_labels():
   stage = stages.get("sft")
 
   def loss_and_grad(b):
-    return jax.value_and_grad(lambda p: stage.loss(model, p, b, None, None, False)[0])(params)
+    return jax.value_and_grad(lambda p: stage.loss(model, p, TokenBatch.from_dict(b), None, None, False)[0])(params)
   (l1, g1), (l2, g2) = loss_and_grad(batch), loss_and_grad(changed)
   assert l1 == l2
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), g1, g2)
@@ -280,6 +281,8 @@ def _tiny_stage_config(name, **kw):
                       max_seq_len=64))
   c.stages = (name,)
   c[name] = config_lib.stage_config(name, steps=4, batch_size=8, seq_len=16, warmup_steps=0, init_from="x", **kw)
+  if "rl" in c[name]:
+    c[name].rl.max_new_tokens = 8  # Below seq_len, as the rl config block requires.
   return config_lib.finalize(c)
 
 
@@ -290,21 +293,22 @@ def test_micro_batched_accumulation_equals_the_full_batch(kind):
     cfg = _tiny_stage_config(kind, grad_accum=accum)
     ctx = train.build_context(cfg, kind, mesh=one_device_mesh())
     state = ctx.init_state()
-    lm = {k: v for k, v in state.params.items() if k != "score_head"}
+    lm, _ = model_lib.split_head(state.params)
     if kind == "dpo":
       batch = with_reference(ctx.lm_model, lm, pair_batch(b=8, seed=5))
     else:
       batch = rollout_batch(ctx.lm_model, lm, seed=5)
-      batch["loss_mask"][0, 3:] = 0  # Unequal token counts per micro-batch.
+      mask = batch.tokens.loss_mask
+      mask[0, 3:] = 0  # Unequal token counts per micro-batch.
       rng = np.random.default_rng(6)
       if kind == "grpo":
-        batch["advantages"] = rng.normal(size=(8,)).astype(np.float32)
+        batch = batch.replace(advantages=rng.normal(size=(8,)).astype(np.float32))
       else:
-        for k in ("advantages", "returns", "old_values"):
-          batch[k] = rng.normal(size=(8, 16)).astype(np.float32) * batch["loss_mask"]
-      batch["old_logp"] = batch["old_logp"] + 0.1 * batch["loss_mask"]  # Ratios away from 1: clipping is active.
+        batch = batch.replace(**{k: rng.normal(size=(8, 16)).astype(np.float32) * mask
+                                 for k in ("advantages", "returns", "old_values")})
+      batch = batch.replace(old_logp=batch.old_logp + 0.1 * mask)  # Ratios away from 1: clipping is active.
     with ctx.activate():
-      new, metrics = ctx.jit_train_step()(state, batch, ctx.dyn_at(0))
+      new, metrics = ctx.jit_train_step()(state, batch, ctx.step_values_at(0))
     outs.append((jax.device_get(new.params), jax.device_get(metrics)))
   (p1, m1), (p4, m4) = outs
   assert m1["count"] == m4["count"]
@@ -323,121 +327,6 @@ def test_a_raising_reward_function_names_the_stage_and_item():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Direction: tiny models trained by the real loop on generated files.
-
-GOOD = ["apple", "amber", "arrow", "atlas", "acorn", "anchor", "angel", "ash"]
-BAD = ["zebra", "zinc", "zone", "zero", "zeal", "zest", "zigzag", "zoom"]
-
-
-def _write_jsonl(path, rows):
-  with open(path, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  return f"file:{path}"
-
-
-def _pairs(rng, n, combos=None, template="Pick one: {} or {}?"):
-  combos = combos or [(a, b) for a in GOOD for b in BAD]
-  rows = []
-  for _ in range(n):
-    a, b = rng.choice(combos)
-    options = [a, b] if rng.random() < 0.5 else [b, a]
-    rows.append({"prompt": template.format(*options), "completion": f" {a}.", "rejected": f" {b}."})
-  return rows
-
-
-@pytest.fixture(scope="module")
-def direction_run(tmp_path_factory):
-  """fit (15 of 25 sums) -> grpo (all 25 sums, arith reward); sft (sums + pair prompts) -> reward, dpo, ppo."""
-  d = tmp_path_factory.mktemp("post")
-  rng = random.Random(0)
-  sums = [(a, b) for a in range(5) for b in range(5)]
-  # SFT: 15 of the 25 sums, and the pair prompts answered with the word named first: as often the rejected one
-  # as the chosen one, so preference stages have room to act, yet deterministic, so SFT can fit it.
-  seen = rng.sample(sums, 15)
-  sum_rows = [{"prompt": f"What is {a} + {b}?", "completion": f" {a + b}"} for a, b in seen]
-  fit = _write_jsonl(d / "fit.jsonl", sum_rows)
-  sft = _write_jsonl(d / "sft.jsonl", sum_rows + [{"prompt": row["prompt"], "completion": " " + row["prompt"].split()[2] + "."}
-                                                  for row in _pairs(rng, 40)])
-  combos = [(a, b) for a in GOOD for b in BAD]
-  rng.shuffle(combos)
-  prefs = _write_jsonl(d / "prefs.jsonl", _pairs(rng, 200, combos[16:]))
-  held_out = _write_jsonl(d / "held_out.jsonl", _pairs(rng, 64, combos[:16]))  # Word pairs no training pair has.
-  arith = _write_jsonl(d / "arith.jsonl", [{"prompt": f"What is {a} + {b}?", "completion": f" {a + b}"}
-                                           for a, b in sums])
-  c = config_lib.base_config()
-  c.data.dir = str(d / "data")
-  c.model.update(dict(vocab_size=320, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128,
-                      max_seq_len=64))
-  c.stages = ("fit", "sft", "reward", "dpo", "grpo", "ppo")
-  common = dict(batch_size=16, seq_len=32, warmup_steps=2, log_every=1, eval_every=0, checkpoint_every=100,
-                eval_steps=4)
-  c.fit = config_lib.stage_config("fit", kind="sft", steps=200, learning_rate=3e-3, data=fit, **common)
-  c.sft = config_lib.stage_config("sft", steps=250, learning_rate=3e-3, data=sft, **common)
-  c.fit.reg.weight_decay = c.sft.reg.weight_decay = 0.0
-  c.reward = config_lib.stage_config("reward", steps=40, learning_rate=3e-3, data=prefs, eval_data=held_out,
-                                     init_from="sft", **common)
-  c.dpo = config_lib.stage_config("dpo", steps=80, learning_rate=1e-3, data=prefs, eval_data=held_out,
-                                  init_from="sft", **common)
-  c.grpo = config_lib.stage_config("grpo", steps=60, learning_rate=1e-3, data=arith, init_from="fit",
-                                   **{**common, "batch_size": 64})
-  c.grpo.rl.update(dict(num_generations=8, max_new_tokens=4, rewards=("arith",)))
-  c.ppo = config_lib.stage_config("ppo", steps=30, learning_rate=1e-3, data=prefs, init_from="sft", **common)
-  c.ppo.rl.update(dict(num_generations=4, max_new_tokens=4, reward_from="reward"))
-  c = config_lib.finalize(c)
-  workdir = str(d / "run")
-  pipeline.run(c, workdir, mesh=one_device_mesh())
-  return c, workdir
-
-
-def _stage_eval(cfg, workdir, stage, params_from):
-  """The stage's held-out metrics (its own `evaluate`) with the final parameters of stage `params_from`."""
-  ctx = train.build_context(cfg, stage, mesh=one_device_mesh())
-  ctx.tokenizer = train.tokenizer_for(cfg)
-  ctx.load_frozen(workdir)
-  params = train.load_final_params(workdir, params_from, ctx.abstract_state.params,
-                                   with_head=ctx.stage.score_head and params_from == stage)
-  with ctx.activate():
-    if set(params) != set(ctx.abstract_state.params):  # A fresh head on the starting LM.
-      params = ctx.init_state(params=params).params
-    return train.evaluate(ctx, ctx.jit_eval_step(), params, ctx.tokenizer)
-
-
-def test_sft_fits_a_handful_of_examples(direction_run):
-  cfg, workdir = direction_run
-  loss = read_metrics(workdir, "fit", "train/loss")  # A stage of kind sft on 15 prompt -> completion pairs.
-  assert loss[1] > 2.0 and loss[200] < 0.05, (loss[1], loss[200])
-
-
-def test_reward_model_beats_chance_on_held_out_pairs(direction_run):
-  cfg, workdir = direction_run
-  start, end = _stage_eval(cfg, workdir, "reward", "sft"), _stage_eval(cfg, workdir, "reward", "reward")
-  assert start["eval/accuracy"] == 0.0  # Zero-initialized head: every pair ties.
-  assert end["eval/accuracy"] >= 0.8 and end["eval/margin"] > 0, end
-
-
-def test_dpo_starts_at_log2_and_raises_held_out_preference_accuracy(direction_run):
-  cfg, workdir = direction_run
-  np.testing.assert_allclose(read_metrics(workdir, "dpo", "train/loss")[1], math.log(2), rtol=1e-6)
-  start, end = _stage_eval(cfg, workdir, "dpo", "sft"), _stage_eval(cfg, workdir, "dpo", "dpo")
-  assert start["eval/margin"] == 0.0 and start["eval/accuracy"] == 0.0  # Policy = reference.
-  assert end["eval/accuracy"] >= 0.8 and end["eval/margin"] > 0, end
-
-
-def test_grpo_raises_arithmetic_reward_above_its_sft_start(direction_run):
-  cfg, workdir = direction_run
-  start, end = _stage_eval(cfg, workdir, "grpo", "sft"), _stage_eval(cfg, workdir, "grpo", "grpo")
-  assert end["eval/reward"] > start["eval/reward"] + 0.1, (start["eval/reward"], end["eval/reward"])
-  assert 0.0 <= read_metrics(workdir, "grpo", "train/frac_zero_std")[60] <= 1.0
-
-
-def test_ppo_raises_the_reward_model_score(direction_run):
-  cfg, workdir = direction_run
-  start, end = _stage_eval(cfg, workdir, "ppo", "sft"), _stage_eval(cfg, workdir, "ppo", "ppo")
-  assert end["eval/reward"] > start["eval/reward"] + 0.1, (start["eval/reward"], end["eval/reward"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Errors.
 
 def test_missing_init_from_or_frozen_model_names_the_stage(tmp_path):
@@ -451,27 +340,3 @@ def test_missing_init_from_or_frozen_model_names_the_stage(tmp_path):
   c.ppo = config_lib.stage_config("ppo", init_from="sft")
   with pytest.raises(ValueError, match=r"config.ppo: its reward model, stage 'reward', neither runs before 'ppo'"):
     pipeline.run(config_lib.finalize(c), str(tmp_path), mesh=one_device_mesh())
-
-
-def test_empty_completion_in_a_preference_set_names_stage_and_item(tmp_path):
-  rows = _pairs(random.Random(1), 8)
-  rows[3]["rejected"] = "  "
-  prefs = _write_jsonl(tmp_path / "prefs.jsonl", rows)
-  c = config_lib.base_config()
-  c.data.dir = str(tmp_path / "data")
-  c.model.update(dict(vocab_size=320, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, mlp_dim=32,
-                      max_seq_len=32))
-  c.stages = ("reward",)
-  c.reward = config_lib.stage_config("reward", steps=2, batch_size=8, seq_len=32, data=prefs, eval_every=0)
-  with pytest.raises(train.TrainingError, match=r"stage reward: bad train data: .*record 3 .*empty rejected"):
-    pipeline.run(config_lib.finalize(c), str(tmp_path / "run"), mesh=one_device_mesh())
-
-
-def test_ppo_reuses_each_rollout_for_updates_per_rollout_steps(direction_run):
-  cfg, workdir = direction_run
-  assert cfg.ppo.rl.updates_per_rollout == 2
-  kl = read_metrics(workdir, "ppo", "train/approx_kl")
-  reward = read_metrics(workdir, "ppo", "train/reward")
-  assert kl[3] < 1e-6 and kl[5] < 1e-6  # Fresh rollouts: the policy that sampled is the one being trained.
-  assert kl[4] > 1e-6 and kl[6] > 1e-6  # Reused: one update later the ratio is off 1 (step 1 has lr 0: warmup).
-  assert 1 in reward and 3 in reward and 2 not in reward  # Rollout metrics are logged where the rollout was made.

@@ -8,6 +8,8 @@ import pytest
 
 from llmstages import regularization as reg_lib
 from llmstages import train
+from llmstages.inputs import TokenBatch
+from llmstages.model import init_params
 from tests.helpers import one_device_mesh, packed_batch, tiny_config
 
 ALL_SITES = {"embed_dropout": 0.2, "attn_dropout": 0.2, "residual_dropout": 0.2, "mlp_dropout": 0.2,
@@ -18,11 +20,11 @@ def _losses(reg, seed=0):
   """(train loss, eval loss) of one batch under `reg`, from the same parameters."""
   cfg = tiny_config(reg=reg)
   ctx = train.build_context(cfg, "pretrain", mesh=one_device_mesh())
-  params = train._init_params(ctx.eval_model, jax.random.key(seed))
-  batch = jax.tree.map(jnp.asarray, packed_batch(vocab=64))
-  dyn = jax.tree.map(jnp.asarray, ctx.dyn_at(0))
+  params = init_params(ctx.eval_model, jax.random.key(seed))
+  batch = TokenBatch.from_dict(jax.tree.map(jnp.asarray, packed_batch(vocab=64)))
+  step_values = jax.tree.map(jnp.asarray, ctx.step_values_at(0))
   with ctx.activate():
-    tr = ctx.stage.loss(ctx.model, params, batch, dyn, jax.random.key(1), True)
+    tr = ctx.stage.loss(ctx.model, params, batch, step_values, jax.random.key(1), True)
     ev = ctx.stage.loss(ctx.model, params, batch, None, None, False)
   return float(tr[0] / tr[1]), float(ev[0] / ev[1])
 
@@ -99,7 +101,7 @@ def test_weight_decay_skips_masked_params_in_the_step():
   batch = packed_batch(batch=8)
   batch["loss_mask"][:] = 0
   with ctx.activate():
-    state, _ = ctx.jit_train_step()(state, batch, ctx.dyn_at(0))
+    state, _ = ctx.jit_train_step()(state, TokenBatch.from_dict(batch), ctx.step_values_at(0))
   after = jax.device_get(state.params)
   np.testing.assert_array_equal(before["layers_0"]["attn_norm"]["scale"], after["layers_0"]["attn_norm"]["scale"])
   np.testing.assert_array_equal(before["layers_2"]["attn"]["q"]["kernel"], after["layers_2"]["attn"]["q"]["kernel"])
@@ -112,12 +114,12 @@ def test_changing_a_rate_does_not_recompile():
   cfg = tiny_config(reg={"dropout": 0.1, "drop_path": 0.1, "neftune_alpha": 5.0, "label_smoothing": 0.1})
   ctx = train.build_context(cfg, "pretrain", mesh=one_device_mesh())
   step = ctx.jit_train_step()
-  batch = packed_batch(batch=8)
+  batch = TokenBatch.from_dict(packed_batch(batch=8))
   losses = []
   with ctx.activate():
     for scale in (1.0, 2.0, 0.0):
-      dyn = jax.tree.map(lambda x: np.asarray(x * scale, x.dtype), ctx.dyn_at(0))
-      _, m = step(ctx.init_state(), batch, dyn)
+      step_values = jax.tree.map(lambda x: np.asarray(x * scale, x.dtype), ctx.step_values_at(0))
+      _, m = step(ctx.init_state(), batch, step_values)
       losses.append(float(m["loss_sum"]))
   assert step._cache_size() == 1
   assert len(set(losses)) == 3

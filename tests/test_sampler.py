@@ -38,17 +38,18 @@ def test_cached_decode_equals_full_forward(params):
     prompt[r, p - n:] = seqs[r][:n]
   cache = init_cache(CFG, 2, p + total)
   pos = np.maximum(np.arange(p)[None] - start[:, None], 0)
-  logits, cache = model.apply({"params": params}, prompt, pos, cache=cache, cache_index=0, kv_start_B=start)
+  out = model.apply({"params": params}, prompt, pos, cache=cache, cache_index=0, kv_start_B=start)
+  logits, cache = out.logits, out.cache
   got = {r: [np.asarray(logits[r, p - 1])] for r in range(2)}
   for i in range(total - min(lengths)):
     tok = np.array([seqs[r][min(lengths[r] + i, total - 1)] for r in range(2)], np.int32)[:, None]
     step_pos = (np.array(lengths) + i)[:, None]
-    logits, cache = model.apply({"params": params}, tok, step_pos, cache=cache, cache_index=p + i,
-                                kv_start_B=start)
+    out = model.apply({"params": params}, tok, step_pos, cache=cache, cache_index=p + i, kv_start_B=start)
+    logits, cache = out.logits, out.cache
     for r in range(2):
       got[r].append(np.asarray(logits[r, 0]))
   for r, n in enumerate(lengths):
-    full = np.asarray(model.apply({"params": params}, seqs[r][None]))[0]
+    full = np.asarray(model.apply({"params": params}, seqs[r][None]).logits)[0]
     for i in range(total - n):
       np.testing.assert_allclose(got[r][i], full[n - 1 + i], rtol=1e-5, atol=1e-5)
 
@@ -78,7 +79,7 @@ def test_logprobs_equal_training_logprobs(params):
   out = s.generate(params, prompts, max_new_tokens=8, temperature=1.0, seed=0)
   for r, prompt in enumerate(prompts):
     seq = np.array(prompt + out.tokens[r].tolist(), np.int32)[None]
-    logits = Decoder(CFG).apply({"params": params}, seq[:, :-1])
+    logits = Decoder(CFG).apply({"params": params}, seq[:, :-1]).logits
     lp = np.asarray(losses.token_logprobs(logits, seq[:, 1:]))[0, len(prompt) - 1:]
     np.testing.assert_allclose(out.logprobs[r], lp, rtol=1e-5, atol=1e-5)
 
@@ -92,7 +93,7 @@ def test_top_p_and_top_k_restrict_the_support(params):
   assert set(tiny_p.tokens[:, 0].tolist()) == {first}  # Only the top token survives a tiny top_p.
   np.testing.assert_allclose(tiny_p.logprobs[:, 0], 0.0, atol=1e-6)  # ... with all the mass.
   k3 = s.generate(params, prompt, max_new_tokens=1, temperature=2.0, top_k=3, num_samples=64, seed=2)
-  logits = np.asarray(Decoder(CFG).apply({"params": params}, np.array(prompt, np.int32)))[0, -1]
+  logits = np.asarray(Decoder(CFG).apply({"params": params}, np.array(prompt, np.int32)).logits)[0, -1]
   assert set(k3.tokens[:, 0].tolist()) <= set(np.argsort(logits)[-3:].tolist())
 
 
@@ -115,7 +116,8 @@ def test_sampled_logprob_is_renormalized_after_top_k_and_top_p(params):
   # renormalized masses, only the top token survives and has log-prob 0.
   s = Sampler(CFG, eos_id=-1, pad_id=PAD)
   prompt = _prompts((6,))
-  logits = np.asarray(Decoder(CFG).apply({"params": params}, np.array(prompt, np.int32)))[0, -1].astype(np.float64)
+  logits = np.asarray(Decoder(CFG).apply({"params": params}, np.array(prompt, np.int32)).logits)[0, -1].astype(
+      np.float64)
   top2 = np.sort(logits)[-2:]
   p_top = 1.0 / (1.0 + np.exp(top2[0] - top2[1]))  # The top token's share of the top-2 mass.
   out = s.generate(params, prompt, max_new_tokens=1, temperature=1.0, top_k=2, top_p=float(p_top) * 0.99,

@@ -55,7 +55,7 @@ def test_logits_match_flax(tie, scan):
   cfg = dataclasses.replace(TINY, tie_embeddings=tie, scan_layers=scan)
   params = _flax_params(cfg)
   tokens_BxL = _tokens(cfg, (2, 12))
-  want = np.asarray(jax.jit(Decoder(cfg).apply)({"params": params}, jnp.asarray(tokens_BxL, jnp.int32)))
+  want = np.asarray(jax.jit(Decoder(cfg).apply)({"params": params}, jnp.asarray(tokens_BxL, jnp.int32)).logits)
   got = _torch_model(cfg, params)(torch.from_numpy(tokens_BxL)).detach().numpy()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -66,7 +66,7 @@ def test_loss_and_grads_match_jax():
   tokens_BxL, targets_BxL = _tokens(cfg, (2, 12), seed=1), _tokens(cfg, (2, 12), seed=2)
 
   def jax_loss(p):
-    logits = Decoder(cfg).apply({"params": p}, jnp.asarray(tokens_BxL, jnp.int32))
+    logits = Decoder(cfg).apply({"params": p}, jnp.asarray(tokens_BxL, jnp.int32)).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(targets_BxL, jnp.int32)).mean()
 
   want_loss, want_grads = jax.jit(jax.value_and_grad(jax_loss))(params)

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from llmstages import partitioning, pipeline, train
+from llmstages import workdir as workdir_lib
+from llmstages.inputs import TokenBatch
 from tests.helpers import load_config, one_device_mesh, packed_batch, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +34,7 @@ def final_params(workdir, stage="pretrain"):
   cfg_path = os.path.join(workdir, "config.json")
   assert os.path.exists(cfg_path)
   import orbax.checkpoint as ocp
-  path = os.path.abspath(train.final_params_dir(workdir, stage))
+  path = os.path.abspath(workdir_lib.final_params_dir(workdir, stage))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as c:
     meta = c.metadata(path).item_metadata
@@ -59,7 +61,7 @@ def test_grad_accumulation_equals_full_batch(data_dir):
     batch = packed_batch(batch=8, length=64, vocab=512, seed=3)
     batch["loss_mask"][0, :40] = 0  # Unequal token counts per micro-batch: a mean of means would differ.
     with ctx.activate():
-      state, metrics = ctx.jit_train_step()(ctx.init_state(), batch, ctx.dyn_at(0))
+      state, metrics = ctx.jit_train_step()(ctx.init_state(), TokenBatch.from_dict(batch), ctx.step_values_at(0))
     outs.append((jax.device_get(state.params), jax.device_get(metrics)))
   (p1, m1), (p4, m4) = outs
   assert m1["count"] == m4["count"]
@@ -133,7 +135,7 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, tmp_path):
   _wait_for_checkpoint(proc, tmp_path / "killed" / "pretrain" / "checkpoints")
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert not train.stage_finished(str(tmp_path / "killed"), "pretrain"), "killed too late to test resuming"
+  assert not workdir_lib.stage_finished(str(tmp_path / "killed"), "pretrain"), "killed too late to test resuming"
 
   resumed = _run_cli(tmp_path / "killed", data, *LONG)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -166,14 +168,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_checkpoints(data_dir, tmp_path):
     pipeline.run(cfg, str(tmp_path))
   kept = os.listdir(tmp_path / "pretrain" / "checkpoints")
   assert "1" in kept
-  assert not train.stage_finished(str(tmp_path), "pretrain")
+  assert not workdir_lib.stage_finished(str(tmp_path), "pretrain")
 
 
 def test_corrupt_latest_checkpoint_falls_back(data_dir, tmp_path, capsys):
   cfg = smoke(data_dir, **{"pretrain.checkpoint_every": 4, "pretrain.steps": 8})
   pipeline.run(cfg, str(tmp_path))
   ref = final_params(tmp_path)
-  os.remove(train.final_marker(str(tmp_path), "pretrain"))  # Pretend the run stopped after step 8's save.
+  os.remove(workdir_lib.final_marker(str(tmp_path), "pretrain"))  # Pretend the run stopped after step 8's save.
   state_dir = tmp_path / "pretrain" / "checkpoints" / "8" / "state"
   for root, _, files in os.walk(state_dir):
     for f in files:

@@ -10,7 +10,8 @@ import os
 import jax
 
 from llmstages import config as config_lib
-from llmstages import hf, pipeline, train
+from llmstages import hf, inputs, pipeline, train
+from llmstages import workdir as workdir_lib
 from llmstages.hf import adapters as adapters_lib
 from llmstages.data.hf_tokenizer import is_hf_tokenizer_dir
 
@@ -41,9 +42,9 @@ def import_model(hf_dir: str, workdir: str, stage: str = "base", mesh=None, **mo
   _, params = hf.load(hf_dir, ctx.abstract_lm_params(), **model_overrides)
   pipeline.write_resolved_config(config, workdir)
   os.makedirs(os.path.join(workdir, stage), exist_ok=True)
-  train.save_final_params(workdir, stage, params, step=0)
+  workdir_lib.save_final_params(workdir, stage, params, step=0)
   n = sum(x.size for x in jax.tree.leaves(params))
-  print(f"imported {hf_dir} ({n:,} parameters) as stage {stage!r}: {train.final_params_dir(workdir, stage)}",
+  print(f"imported {hf_dir} ({n:,} parameters) as stage {stage!r}: {workdir_lib.final_params_dir(workdir, stage)}",
         flush=True)
 
 
@@ -53,11 +54,12 @@ def export_model(workdir: str, stage: str, out: str, peft: bool = False, dtype: 
   if stage not in config:
     raise ValueError(f"--stage={stage!r}: {workdir}/config.json has no config.{stage} block")
   ctx = train.build_context(config, stage, mesh)
-  tokenizer = train.tokenizer_for(config)
+  tokenizer = inputs.tokenizer_for(config)
   if peft:
     export_peft(workdir, stage, ctx, out)
   else:
-    params = train.load_final_params(workdir, stage, ctx.abstract_lm_params(), needed_by=f"hf export --stage={stage}")
+    params = workdir_lib.load_final_params(workdir, stage, ctx.abstract_lm_params(),
+                                           needed_by=f"hf export --stage={stage}")
     hf.save(ctx.model_cfg, params, out, tokenizer=tokenizer, dtype=dtype)
   print(f"exported stage {stage!r} of {workdir} to {out}{' (PEFT adapter)' if peft else ''}", flush=True)
 
@@ -66,8 +68,8 @@ def export_peft(workdir: str, stage: str, ctx, out: str) -> None:
   """The LoRA adapters of `stage` as a PEFT adapter directory over the model of its init_from stage."""
   if not ctx.lora:
     raise ValueError(f"--peft: stage {stage!r} did not train LoRA adapters (config.{stage}.lora.rank is 0)")
-  adapters, meta = train.load_final_lora(workdir, stage, ctx.abstract_state.params)
-  base = ctx.scfg.init_from
+  adapters, meta = workdir_lib.load_final_lora(workdir, stage, ctx.abstract_state.params)
+  base = ctx.stage_config.init_from
   base_model = ctx.config[base].get("hf_dir", "") if base and base in ctx.config else ""
   adapters_lib.save_peft(ctx.model_cfg, adapters, meta["rank"], meta["alpha"], out, base_model=base_model or base,
                dropout=meta["dropout"])

@@ -1,11 +1,4 @@
-"""The decoder: a functional Flax (linen) Llama-compatible transformer.
-
-Owns the architecture (RMSNorm, RoPE in the Llama rotate-half convention, SwiGLU, grouped-query attention) and
-every regularizer that lives inside the forward pass (dropout at four sites, drop-path, NEFTune). Layers only
-name their logical axes; `partitioning` maps them to the mesh.
-
-Regularization rates enter `__call__` as traced arrays (`rates`), so changing a rate does not recompile; which
-sites exist at all is static (`RegSites`), so a run without dropout pays nothing for it.
+"""The decoder's layers: projections, RMSNorm, RoPE, masks, the KV cache, attention, the MLP and the block.
 
 Shapes in names: B batch, L (query) length, S key length, D d_model, N query heads, K kv heads, G = N // K,
 H head dim, F mlp dim, V vocab, Y layers.
@@ -13,112 +6,18 @@ H head dim, F mlp dim, V vocab, Y layers.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmstages.model.config import ModelConfig, RegSites
+
 Array = jax.Array
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  vocab_size: int = 8192
-  d_model: int = 256
-  num_layers: int = 4
-  num_heads: int = 4
-  num_kv_heads: int = 4
-  head_dim: int = 0
-  mlp_dim: int = 768
-  max_seq_len: int = 2048
-  dtype: str = "float32"
-  tie_embeddings: bool = True
-  rope_theta: float = 10000.0
-  # Llama 3.1+ RoPE frequency scaling ("llama3" rope_type); factor 0 is plain RoPE.
-  rope_scaling_factor: float = 0.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
-  norm_eps: float = 1e-5
-  init_std: float = 0.02
-  scan_layers: bool = False
-  remat: str = "none"
-  attention: str = "xla"
-
-  @classmethod
-  def from_config(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    mc = cls(**{k: cfg[k] for k in names if k in cfg})
-    mc.validate()
-    return mc
-
-  @property
-  def dim_per_head(self) -> int:
-    return self.head_dim or self.d_model // self.num_heads
-
-  @property
-  def compute_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  def validate(self):
-    def bad(key, why):
-      raise ValueError(f"config.model.{key}: {why}")
-    if self.num_heads % self.num_kv_heads:
-      bad("num_kv_heads", f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-    if not self.head_dim and self.d_model % self.num_heads:
-      bad("num_heads", f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set model.head_dim")
-    if self.dim_per_head % 2:
-      bad("head_dim", f"RoPE needs an even head dim, got {self.dim_per_head}")
-    if self.rope_scaling_factor and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
-      bad("rope_high_freq_factor", f"llama3 RoPE scaling needs high_freq_factor > low_freq_factor > 0, got "
-          f"{self.rope_high_freq_factor} and {self.rope_low_freq_factor}")
-    if self.remat not in REMAT_POLICIES:
-      bad("remat", f"{self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-    if self.attention not in ("auto", "xla", "cudnn", "manual"):  # xla and manual: `explicit_attention`.
-      bad("attention", f"{self.attention!r} is not one of auto, xla, cudnn, manual")
-    try:
-      jnp.dtype(self.dtype)
-    except TypeError:
-      bad("dtype", f"{self.dtype!r} is not a dtype name (float32, bfloat16, ...)")
-
-
-@dataclasses.dataclass(frozen=True)
-class RegSites:
-  """Which stochastic regularizers exist in the compiled forward pass (static). Their rates are traced."""
-  embed_dropout: bool = False
-  attn_dropout: bool = False
-  residual_dropout: bool = False
-  mlp_dropout: bool = False
-  drop_path: bool = False
-  neftune: bool = False
-
-  @property
-  def any(self) -> bool:
-    return any(dataclasses.astuple(self))
-
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-LAYER_RATE_KEYS = ("attn_dropout", "residual_dropout", "mlp_dropout", "drop_path")
-
-
-def zero_rates(num_layers: int) -> dict[str, Array]:
-  """Rates that switch every regularizer off; the layout `__call__` expects."""
-  rates = {k: jnp.zeros((num_layers,), jnp.float32) for k in LAYER_RATE_KEYS}
-  rates["embed_dropout"] = jnp.zeros((), jnp.float32)
-  rates["neftune_alpha"] = jnp.zeros((), jnp.float32)
-  return rates
-
-
-def _constrain(x, names):
+def constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
@@ -131,7 +30,7 @@ def dropout(x: Array, rate: Array, rng: Array, broadcast_dims: tuple[int, ...] =
   return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros((), x.dtype))
 
 
-def _param_init(std: float, names: tuple[str, ...]):
+def param_init(std: float, names: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
 
 
@@ -146,7 +45,7 @@ class Einsum(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", _param_init(self.std, self.axes), self.shape, jnp.float32)
+    kernel = self.param("kernel", param_init(self.std, self.axes), self.shape, jnp.float32)
     return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype),
                       preferred_element_type=self.out_dtype)
 
@@ -263,11 +162,11 @@ class Attention(nn.Module):
     kk = Einsum("bld,dkh->blkh", (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt, name="k")(x_BxLxD)
     v = Einsum("bld,dkh->blkh", (d, k, h), ("embed", "kv_heads", "head_dim"), std, dt, name="v")(x_BxLxD)
     inv_freq = rope_inv_freq(cfg)
-    q_BxLxNxH = _constrain(rope(q, positions_BxL, cfg.rope_theta, inv_freq),
+    q_BxLxNxH = constrain(rope(q, positions_BxL, cfg.rope_theta, inv_freq),
                            ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-    k_BxSxKxH = _constrain(rope(kk, positions_BxL, cfg.rope_theta, inv_freq),
+    k_BxSxKxH = constrain(rope(kk, positions_BxL, cfg.rope_theta, inv_freq),
                            ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
-    v_BxSxKxH = _constrain(v, ("activation_batch", "activation_length", "activation_kv_heads",
+    v_BxSxKxH = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads",
                                "activation_head_dim"))
     use_dropout = self.sites.attn_dropout and not self.deterministic
     rng = self.make_rng("dropout") if use_dropout else None
@@ -284,7 +183,7 @@ class Attention(nn.Module):
       impl = {"auto": None, "cudnn": "cudnn"}[cfg.attention]
       out_BxLxNxH = jax.nn.dot_product_attention(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxLxS[:, None],
                                                  implementation=impl)
-    out_BxLxNxH = _constrain(out_BxLxNxH, ("activation_batch", "activation_length", "activation_heads",
+    out_BxLxNxH = constrain(out_BxLxNxH, ("activation_batch", "activation_length", "activation_heads",
                                            "activation_head_dim"))
     out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
     out_BxLxD = Einsum("blnh,nhd->bld", (n, h, cfg.d_model), ("heads", "head_dim", "embed"), out_std, dt,
@@ -325,7 +224,7 @@ class Mlp(nn.Module):
     d, f, dt = cfg.d_model, cfg.mlp_dim, cfg.compute_dtype
     gate = Einsum("bld,df->blf", (d, f), ("embed", "mlp"), cfg.init_std, dt, name="gate")(x_BxLxD)
     up = Einsum("bld,df->blf", (d, f), ("embed", "mlp"), cfg.init_std, dt, name="up")(x_BxLxD)
-    h_BxLxF = _constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    h_BxLxF = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
     if self.sites.mlp_dropout and not self.deterministic:
       h_BxLxF = dropout(h_BxLxF, mlp_rate, self.make_rng("dropout"))
     out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
@@ -350,7 +249,7 @@ class Block(nn.Module):
     h = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="mlp_norm")(x_BxLxD)
     h = Mlp(cfg, self.sites, self.deterministic, name="mlp")(h, layer_rates["mlp_dropout"])
     x_BxLxD = x_BxLxD + self._regularize_branch(h, layer_rates)
-    x_BxLxD = _constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
+    x_BxLxD = constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
     return x_BxLxD if cache is None else (x_BxLxD, cache)
 
   def _regularize_branch(self, h_BxLxD, layer_rates):
@@ -376,88 +275,6 @@ class ScannedBlock(nn.Module):
     out = block(x_BxLxD, positions_BxL, mask_BxLxS, layer_rates, cache, cache_index)
     return out if cache is not None else (out, None)
 
-
-HEAD_PARAMS = ("score_head",)  # Parameters of the optional scalar head (not part of the language model).
-
-
-class Decoder(nn.Module):
-  """tokens -> logits (float32). `rates` as in `zero_rates`; `deterministic=True` switches every regularizer off.
-
-  `score_head=True` adds a scalar head on the final hidden state (reward model, PPO value head): the call then
-  returns (logits, scores_BxL), float32. Its parameters live under `score_head`, apart from the language model's.
-  """
-  cfg: ModelConfig
-  sites: RegSites = RegSites()
-  score_head: bool = False
-
-  @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, rates=None, deterministic=True,
-               return_hidden=False, cache=None, cache_index=None, kv_start_B=None):
-    """With `cache` (see `init_cache`), decodes: tokens go to slots cache_index.. of the cache, row b attends to
-    slots [kv_start_B[b], its own slot] (left-padded prompts), and the result is (logits, new cache)."""
-    cfg = self.cfg
-    b, l = tokens_BxL.shape
-    if positions_BxL is None:
-      positions_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    if rates is None:
-      rates = zero_rates(cfg.num_layers)
-    deterministic = deterministic or not self.sites.any
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-                     embedding_init=_param_init(cfg.init_std, ("vocab", "embed")), name="embed")
-    x_BxLxD = embed(tokens_BxL)
-    x_BxLxD = _constrain(x_BxLxD, ("activation_batch", "activation_length", "activation_embed"))
-    if not deterministic and self.sites.neftune:
-      x_BxLxD = self._neftune(x_BxLxD, segment_ids_BxL, rates["neftune_alpha"])
-    if not deterministic and self.sites.embed_dropout:
-      x_BxLxD = dropout(x_BxLxD, rates["embed_dropout"], self.make_rng("dropout"))
-
-    if cache is None:
-      mask_BxLxS = attention_mask(segment_ids_BxL, l)
-    else:
-      mask_BxLxS = cache_mask(cache_index, l, cache_length(cache), kv_start_B)
-    layer_rates = {k: rates[k] for k in LAYER_RATE_KEYS}
-    policy = REMAT_POLICIES[cfg.remat]
-    if cfg.scan_layers:
-      block_cls = ScannedBlock
-      if cfg.remat != "none":
-        block_cls = nn.remat(block_cls, policy=policy, prevent_cse=False)
-      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, cache = stack(cfg, self.sites, deterministic, name="layers")(
-          x_BxLxD, (layer_rates, cache), positions_BxL, mask_BxLxS, cache_index)
-    else:
-      block_cls = Block
-      if cfg.remat != "none":
-        block_cls = nn.remat(block_cls, policy=policy)
-      new_cache = []
-      for i in range(cfg.num_layers):
-        rates_i = {k: v[i] for k, v in layer_rates.items()}
-        block = block_cls(cfg, self.sites, deterministic, name=f"layers_{i}")
-        if cache is None:
-          x_BxLxD = block(x_BxLxD, positions_BxL, mask_BxLxS, rates_i)
-        else:
-          x_BxLxD, layer_cache = block(x_BxLxD, positions_BxL, mask_BxLxS, rates_i, cache[i], cache_index)
-          new_cache.append(layer_cache)
-      cache = new_cache if cache is not None else None
-
-    hidden_BxLxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxLxD)
-    if cfg.tie_embeddings:
-      table_VxD = embed.embedding.astype(cfg.compute_dtype)
-      logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD, table_VxD, preferred_element_type=jnp.float32)
-    else:
-      logits_BxLxV = Einsum("bld,dv->blv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
-                            cfg.compute_dtype, jnp.float32, name="lm_head")(hidden_BxLxD)
-    logits_BxLxV = _constrain(logits_BxLxV, ("activation_batch", "activation_length", "activation_vocab"))
-    out = (logits_BxLxV, hidden_BxLxD) if return_hidden else logits_BxLxV
-    if self.score_head:
-      out = (logits_BxLxV, ScoreHead(cfg.compute_dtype, name="score_head")(hidden_BxLxD))
-    return out if cache is None else (out, cache)
-
-  def _neftune(self, x_BxLxD, segment_ids_BxL, alpha):
-    scale_BxL = neftune_scale(segment_ids_BxL, x_BxLxD.shape, alpha)
-    noise = jax.random.uniform(self.make_rng("dropout"), x_BxLxD.shape, jnp.float32, -1.0, 1.0)
-    return (x_BxLxD.astype(jnp.float32) + noise * scale_BxL[..., None]).astype(x_BxLxD.dtype)
 
 
 def neftune_scale(segment_ids_BxL: Array | None, shape: tuple[int, int, int], alpha) -> Array:

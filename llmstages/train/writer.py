@@ -1,4 +1,5 @@
-"""Metric sinks: JSON lines and TensorBoard event files (process 0 only), and console progress."""
+"""The training loop's metric sinks: JSON lines and TensorBoard event files (process 0 only), and console progress
+(a tqdm bar on a terminal, log lines otherwise)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 
 import jax
+from tqdm.auto import tqdm
 
 
 class MetricsWriter:
@@ -62,7 +64,6 @@ class Progress:
     self._bar = None
     self._t0, self._s0 = time.time(), start
     if self.enabled and use_bar:
-      from tqdm.auto import tqdm
       self._bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True)
 
   def update(self, step: int, scalars: dict[str, float] | None = None) -> None:
