@@ -7,6 +7,7 @@ import os
 
 import jax
 
+from llmstages import evals
 from llmstages import stages as stages_lib
 from llmstages import train
 
@@ -61,10 +62,8 @@ def run(config, workdir: str, mesh=None) -> list[dict]:
       if source not in earlier and not train.stage_finished(workdir, source):
         raise ValueError(f"config.{name}: its {role} model, stage {source!r}, neither runs before {name!r} in "
                          f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
-  from llmstages import evals
   for name in config.stages:
-    for ev in config[name].evals:
-      evals.get(ev)  # An unknown evaluator fails before anything is written.
+    evals.check(config, name)  # An unknown evaluator or a bad config.eval fails before anything is written.
   write_resolved_config(config, workdir)
   tokenizer = train.tokenizer_for(config)
   results = []
