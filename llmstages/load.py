@@ -11,7 +11,7 @@ from typing import Any
 from llmstages import inputs, pipeline, text, train
 from llmstages import workdir as workdir_lib
 from llmstages.data import chat as data_chat
-from llmstages.evals import core, evaluators
+from llmstages.evals import prompts as eval_prompts
 from llmstages.sampler import Sampler
 
 
@@ -23,10 +23,6 @@ class LoadedStage:
   tokenizer: Any
   sampler: Sampler
   params: Any
-
-  def encode_prompt(self, text: str) -> list[int]:
-    """BOS + the prompt's tokens, as training laid documents out."""
-    return [self.tokenizer.bos_id] + self.tokenizer.encode(text)
 
 
 def load_stage(workdir: str, stage: str, mc_dropout: float = 0.0, needed_by: str = "") -> LoadedStage:
@@ -49,15 +45,14 @@ def generate(workdir: str, stage: str, prompts: list[str], **kw) -> list[dict]:
   loaded = load_stage(workdir, stage, mc_dropout=kw.pop("mc_dropout", 0.0), needed_by=f"generate --stage={stage}")
   tok, sampler, params = loaded.tokenizer, loaded.sampler, loaded.params
   chat = kw.pop("chat", "auto")
-  fmt = core.prompt_format(loaded.config, stage) if chat == "auto" else core.PROMPT_FORMATS[chat]
+  fmt = eval_prompts.prompt_format(loaded.config, stage) if chat == "auto" else eval_prompts.PROMPT_FORMATS[chat]
   n = kw.get("num_samples", 1)
-  out = sampler.generate(params, [loaded.encode_prompt(core.wrap_question(p, fmt)) for p in prompts], **kw)
-  texts = [tok.decode([t for t in seq if t not in (tok.eos_id, tok.pad_id)]) for seq in out.sequences()]
-  replies = [t.split(data_chat.END, 1)[0] for t in texts]
+  out = sampler.generate(params, [data_chat.encode_prompt(tok, p, chat=fmt == "chat") for p in prompts], **kw)
+  replies = [eval_prompts.decode_reply(tok, seq) for seq in out.sequences()]
   results = []
   for i, prompt in enumerate(prompts):
     samples = replies[i * n:(i + 1) * n]
-    answers = [evaluators.extract_answer(prompt, s) for s in samples]
+    answers = [eval_prompts.extract_answer(prompt, s) for s in samples]
     results.append({"prompt": prompt, "format": fmt, "samples": samples, "answers": answers,
                     "vote": text.majority_vote(answers)})
   return results

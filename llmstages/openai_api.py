@@ -260,7 +260,8 @@ def create_app(loaded, limits: Limits, *, api_key: str | None = None, max_rows: 
   async def chat_completions(req: ChatRequest):
     svc.check_model(req.model)
     stops = req.stops()
-    ids = loaded.encode_prompt(chat.format_chat([m.model_dump() for m in req.messages], add_generation_prompt=True))
+    conversation = chat.format_chat([m.model_dump() for m in req.messages], add_generation_prompt=True)
+    ids = chat.encode_prompt(svc.tok, conversation)
     max_new = svc.budget(ids, req.max_completion_tokens or req.max_tokens, "messages")
     gens = await svc.generate([ids], req, max_new)
     outs = [text_deltas(svc.tok, g.tokens, stops, svc.chat_end_ids, lstrip=True) for g in gens]
@@ -280,7 +281,7 @@ def create_app(loaded, limits: Limits, *, api_key: str | None = None, max_rows: 
     texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if not texts:
       raise APIError(400, "prompt: give a string or a non-empty list of strings", "prompt")
-    prompts = [loaded.encode_prompt(t) for t in texts]
+    prompts = [chat.encode_prompt(svc.tok, t) for t in texts]
     max_new = min(svc.budget(ids, req.max_tokens, "prompt") for ids in prompts)
     gens = await svc.generate(prompts, req, max_new)
     outs = [text_deltas(svc.tok, g.tokens, stops, (svc.tok.eos_id,), lstrip=False) for g in gens]

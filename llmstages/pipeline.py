@@ -46,7 +46,7 @@ def write_resolved_config(config, workdir: str) -> None:
 
 def check_stages(config, workdir: str) -> None:
   """Fails, naming the config key, before anything is written: a bad stage block, an `init_from` or frozen model
-  that neither runs earlier nor finished in `workdir`, an unknown evaluator."""
+  that neither runs earlier nor finished in `workdir`, an unknown evaluator or a bad config.eval."""
   for name in config.stages:
     train.validate_stage_config(config, name)
     init_from = config[name].init_from
@@ -61,8 +61,7 @@ def check_stages(config, workdir: str) -> None:
         raise ValueError(f"config.{name}: its {role} model, stage {source!r}, neither runs before {name!r} in "
                          f"config.stages={config.stages} nor has a final checkpoint in {workdir}")
   for name in config.stages:
-    for evaluator in config[name].evals:
-      evals.get(evaluator)  # An unknown evaluator fails before anything is written.
+    evals.check(config, name)  # An unknown evaluator or a bad config.eval fails before anything is written.
 
 
 def run(config, workdir: str, mesh=None) -> list[dict]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from llmstages import evals, pipeline
-from llmstages.evals import evaluators
-from llmstages.evals.evaluators import answer_text
+from llmstages.evals import capacity, prompts
+from llmstages.text import answer_text
 from tests.helpers import load_config, one_device_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +140,7 @@ def test_capacity_scores_the_value_and_name_tokens_of_each_training_biography(me
   info = data.source_info(TINY_BIOS, c.data.dir)
   tok = train.tokenizer_for(c)
   people = [p for p in info["facts"] if p["group"] in ("qa_train", "qa_test")]
-  contexts = evaluators.bios_contexts(tok, info, people)
+  contexts = capacity.bios_contexts(tok, info, people)
   assert len(contexts) == 2 * len(people)
   src = data.open_source(TINY_BIOS, "train", c.data.dir)
   trained = sorted(tuple(data.tokenize_document(tok, src.document(i))[0][:-1]) for i in range(len(src)))
@@ -196,10 +196,10 @@ def test_prompt_format_follows_the_stage_lineage():
   c.instruct = config_lib.stage_config("instruct", init_from="sft")
   c.dpo = config_lib.stage_config("dpo", init_from="instruct")
   c.sft2 = config_lib.stage_config("sft2", kind="sft", init_from="dpo")
-  fmt = {s: evals.core.prompt_format(c, s) for s in c.stages}
+  fmt = {s: prompts.prompt_format(c, s) for s in c.stages}
   assert fmt == {"pretrain": "raw", "sft": "raw", "instruct": "chat", "dpo": "chat", "sft2": "chat"}
   c.eval.chat = "never"
-  assert evals.core.prompt_format(c, "dpo") == "raw"
+  assert prompts.prompt_format(c, "dpo") == "raw"
   c.eval.chat = "sometimes"
   with pytest.raises(ValueError, match="config.eval.chat='sometimes'"):
-    evals.core.prompt_format(c, "dpo")
+    prompts.prompt_format(c, "dpo")

@@ -1,6 +1,7 @@
 """The few-shot baseline: eval.shots=K scores the same prompts after K solved training examples, and
 `compare --baseline` puts each stage's 0-shot and K-shot scores side by side."""
 
+import dataclasses
 import json
 import types
 
@@ -8,7 +9,7 @@ import ml_collections
 import pytest
 
 from llmstages import compare
-from llmstages.evals import evaluators
+from llmstages.evals import EvalConfig, answers
 
 
 def _qa_file(path, n):
@@ -21,20 +22,20 @@ def _qa_file(path, n):
 def test_shots_are_k_solved_training_examples_that_no_scored_prompt_is(tmp_path, monkeypatch):
   spec = _qa_file(tmp_path / "qa.jsonl", 10)
   seen = []
-  monkeypatch.setattr(evaluators, "_score_prompts",
+  monkeypatch.setattr(answers, "score_prompts",
                       lambda ctx, prompts, correct, prefix, **kw: seen.append(list(kw.get("questions") or prompts))
                       or {f"{prefix}greedy": 0})
-  ecfg = ml_collections.ConfigDict(dict(shots=3, num_prompts=5))
-  ctx = types.SimpleNamespace(ecfg=ecfg, data_dir=str(tmp_path))
-  out = evaluators._score_with_shots(ctx, spec, ["Q0?", "Q1?"], None, "qa_test/")
+  settings = EvalConfig.from_config(ml_collections.ConfigDict(dict(shots=3, num_prompts=5)))
+  ctx = types.SimpleNamespace(settings=settings, data_dir=str(tmp_path))
+  out = answers.score_with_shots(ctx, spec, ["Q0?", "Q1?"], None, "qa_test/")
   assert out == {"qa_test/greedy": 0, "qa_test/3shot/greedy": 0}
   zero, few = seen
   assert zero == ["Q0?", "Q1?"]
   assert few == ["Q7? A7.\nQ8? A8.\nQ9? A9.\nQ0?", "Q7? A7.\nQ8? A8.\nQ9? A9.\nQ1?"]
-  ecfg.shots = 6  # 6 shots + 5 scored prompts > 10 records: they would overlap.
+  ctx.settings = dataclasses.replace(settings, shots=6)  # 6 shots + 5 scored prompts > 10 records: they would overlap.
   with pytest.raises(ValueError, match=r"config.eval.shots=6: .* has 10 training records, fewer than shots \+ "
                      r"num_prompts = 11"):
-    evaluators._score_with_shots(ctx, spec, ["Q0?"], None, "qa_test/")
+    answers.score_with_shots(ctx, spec, ["Q0?"], None, "qa_test/")
 
 
 def test_baseline_table_puts_zero_shot_k_shot_and_after_side_by_side(tmp_path):

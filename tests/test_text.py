@@ -6,7 +6,7 @@ import pytest
 
 from llmstages import rewards, text
 from llmstages.data import arith, bios, stories, world
-from llmstages.evals import evaluators
+from llmstages.evals import diversity, metrics, prompts
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +64,13 @@ def test_arith_votes_on_the_final_answer_not_the_scratchpad():
   wrong = [" 9-4=5, write 5. 8-5=3, write 3. 3-3=0, write 0. Answer: 931"] * 2
   samples = correct + wrong
   assert len({text.normalize_answer(s) for s in correct}) == 3  # Three different scratchpads ...
-  answers = [evaluators.arith_answer(s) for s in samples]
+  answers = [prompts.arith_answer(s) for s in samples]
   assert answers == ["35", "35", "35", "931", "931"]
   vote, share = text.majority_vote(answers)  # ... outvote two identical wrong ones.
   assert (vote, share) == ("35", 0.6) and arith.verify(prompt, vote)
-  assert [evaluators.extract_answer(prompt, s) for s in samples] == answers  # What generate --vote votes on.
-  assert evaluators.extract_answer("What is the birth city of A B C?", " Velmarton. She") == "Velmarton"
-  assert evaluators.arith_answer(" no number here") is None
+  assert [prompts.extract_answer(prompt, s) for s in samples] == answers  # What generate --vote votes on.
+  assert prompts.extract_answer("What is the birth city of A B C?", " Velmarton. She") == "Velmarton"
+  assert prompts.arith_answer(" no number here") is None
 
 
 def test_story_vocabulary_is_fixed_and_covers_what_the_grammar_writes():
@@ -88,8 +88,8 @@ def test_story_vocabulary_is_fixed_and_covers_what_the_grammar_writes():
 def test_per_input_ead_does_not_depend_on_the_other_prompts():
   group = [["the", "fox", "ran"], ["a", "fox", "sat"], ["the", "owl", "ran"], ["an", "owl", "flew"]]
   others = [[[f"w{i}{j}" for j in range(12)] for _ in range(4)] for i in range(3)]
-  alone = evaluators.diversity_scores([group], vocab=346)["per_input/ead"].value
-  together = evaluators.diversity_scores([group] + others, vocab=346)["per_input/ead"].value
-  each = [evaluators.diversity_scores([g], vocab=346)["per_input/ead"].value for g in others]
+  alone = diversity.diversity_scores([group], vocab=346)["per_input/ead"].value
+  together = diversity.diversity_scores([group] + others, vocab=346)["per_input/ead"].value
+  each = [diversity.diversity_scores([g], vocab=346)["per_input/ead"].value for g in others]
   assert together == pytest.approx((alone + sum(each)) / 4)  # The mean of scores each prompt earns alone.
-  assert alone == pytest.approx(evaluators.M.ead_avg(group, 346))
+  assert alone == pytest.approx(metrics.ead_avg(group, 346))

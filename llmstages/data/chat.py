@@ -72,3 +72,12 @@ def parse_chat(text: str) -> tuple[list[dict], list[tuple[int, int]], bool]:
     messages.append({"role": role_of[role], "content": text[start:m.end(2)]})
     spans.append((start, m.end(2)))
   return messages, spans, False
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = False) -> list[int]:
+  """BOS + the tokens of `text`, as training laid documents out: the one way a prompt becomes model input (evals,
+  generate, the OpenAI-compatible server). With `chat`, `text` is posed as one user turn followed by the bare
+  `<|assistant|>` token; a conversation already rendered with `format_chat` goes in with chat=False."""
+  if chat:
+    text = format_chat([{"role": "user", "content": text}], add_generation_prompt=True)
+  return [tokenizer.bos_id] + tokenizer.encode(text)

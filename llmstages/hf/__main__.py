@@ -16,8 +16,8 @@ from __future__ import annotations
 from absl import app, flags
 
 from llmstages import cli
-
-COMMANDS = ("import", "export", "memory")
+from llmstages.hf import commands
+from llmstages.hf.commands import COMMANDS
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import: a LlamaForCausalLM directory (config.json + safetensors).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The llmstages workdir.")
@@ -32,7 +32,6 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m llmstages.hf {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
   command = argv[1]
-  from llmstages.hf import commands
   if command == "import":
     if not _HF_DIR.value or not _WORKDIR.value:
       raise app.UsageError("import needs --hf_dir and --workdir")
