@@ -81,7 +81,7 @@ def host_data_layout(ctx) -> dict:
   """How the loop's process-local batches become the step's global batch on this topology's hosts.
 
   Each host's loader yields b = batch_size / hosts rows (rows [p * b, (p + 1) * b) of its stream, see
-  `data.pipeline`); `partitioning.global_batch` hands them to `jax.make_array_from_process_local_data`, which fills
+  `data.loader`); `partitioning.global_batch` hands them to `jax.make_array_from_process_local_data`, which fills
   the shards of that host's devices with them, in order. That needs each host's devices to hold exactly b rows of
   the step's batch sharding, each row on one host (`rows_match`). `order_kept` says whether host p's rows are global
   rows [p * b, (p + 1) * b); when not (a mesh laid out along the chips' torus), the global batch is the same rows

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmstages import experiments
 from llmstages.model import Decoder, ModelConfig, RegSites
 
 TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=48,
@@ -64,14 +65,8 @@ def tiny_config(stages=("pretrain",), **stage_overrides):
 
 
 def load_config(path: str, arg: str = "", **overrides):
-  """Loads `configs/<path>` like the command line does, then applies dotted-key overrides."""
-  import importlib.util
-  import os
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("cfg_under_test", os.path.join(root, "configs", path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(arg)
+  """Loads `configs/<path>` (the `configs` package) as the command line does, then applies dotted-key overrides."""
+  cfg = experiments.config_file(path, arg)
   for key, value in overrides.items():  # The config stays locked: a mistyped key fails here too.
     node = cfg
     parts = key.split(".")

@@ -121,19 +121,19 @@ def test_too_long_chat_examples_are_refused_before_training(tmp_path):
 
 
 def test_truncate_cuts_each_example_to_seq_len_where_chunk_splits_it(tmp_path):
-  from llmstages import train
+  from llmstages import inputs, train
   from tests.conftest import write_chat_file
   path = write_chat_file(tmp_path / "c.jsonl", n=2)
   cfg = _chat_config(tmp_path, path, seq_len=8, too_long="truncate", pack=False)
   ctx = train.build_context(cfg, "instruct", mesh=one_device_mesh())
-  tok = train.tokenizer_for(cfg)
-  (line,) = train.report_local_data(ctx, tok)
+  tok = inputs.tokenizer_for(cfg)
+  (line,) = inputs.report_local_data(ctx, tok)
   assert "4 examples" in line and "4 longer than seq_len=8 (truncated)" in line and "= 4.00 epochs" in line
-  rows = next(iter(train.make_batches(ctx, tok)))["inputs"]
+  rows = next(iter(inputs.make_batches(ctx, tok)))["inputs"]
   assert (rows[:, 0] == tok.bos_id).all()  # Every row is the start of an example: nothing was chunked.
-  ctx.scfg.unlock()
-  ctx.scfg.too_long = "chunk"
-  assert not (next(iter(train.make_batches(ctx, tok)))["inputs"][:, 0] == tok.bos_id).all()
+  ctx.stage_config.unlock()
+  ctx.stage_config.too_long = "chunk"
+  assert not (next(iter(inputs.make_batches(ctx, tok)))["inputs"][:, 0] == tok.bos_id).all()
 
 
 def test_an_instruct_stage_learns_from_a_chat_file(chat_run):

@@ -134,11 +134,11 @@ def test_capacity_of_a_model_that_memorized_its_biographies_is_near_r_max(memori
 
 
 def test_capacity_scores_the_value_and_name_tokens_of_each_training_biography(memorized):
-  from llmstages import data, train
+  from llmstages import data, inputs
   from llmstages.data import bios
   c, _ = memorized
   info = data.source_info(TINY_BIOS, c.data.dir)
-  tok = train.tokenizer_for(c)
+  tok = inputs.tokenizer_for(c)
   people = [p for p in info["facts"] if p["group"] in ("qa_train", "qa_test")]
   contexts = capacity.bios_contexts(tok, info, people)
   assert len(contexts) == 2 * len(people)

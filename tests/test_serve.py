@@ -153,9 +153,9 @@ def test_eight_concurrent_requests_are_all_answered_in_shared_batches(server, cl
 
 
 def test_text_pieces_join_to_the_text_and_never_split_a_character(chat_run):
-  from llmstages import train
+  from llmstages import inputs
   from llmstages.openai_api import text_deltas
-  tok = train.tokenizer_for(chat_run[0])
+  tok = inputs.tokenizer_for(chat_run[0])
   text = " 2 + 3 = 5 ✓ café 日本"  # Characters the tiny vocabulary lacks come as several byte-fallback tokens.
   ids = tok.encode(text) + [tok.eos_id, 9, 9]
   assert len(ids) > len(text.split()) + 3

@@ -54,7 +54,7 @@ def capacity(ctx: EvalContext) -> dict:
 
 def chunked_logprobs(ctx: EvalContext, sequences: Sequence[Sequence[int]], seq_len: int) -> list[np.ndarray]:
   """Per-token log-probs of each sequence as training saw it: a document longer than `seq_len` pairs is cut into
-  chunks of `seq_len` pairs, each trained without the chunks before it (`data.pipeline`)."""
+  chunks of `seq_len` pairs, each trained without the chunks before it (`data.loader`)."""
   chunks, owners = [], []
   for i, ids in enumerate(sequences):
     for start in range(0, len(ids) - 1, seq_len):
