@@ -1,4 +1,4 @@
-"""The one registry: names a config can use, by category (stage, evaluator, reward, source, experiment).
+"""The one registry: names a config can use, by category (stage, evaluator, reward, source).
 
 A module registers what it defines with a decorator, and the package that owns a category imports its modules,
 so the registry never imports anything above it (Tunix's `function_registry`, big_vision's name -> function):
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
-CATEGORIES = ("stage", "evaluator", "reward", "source", "experiment")
+CATEGORIES = ("stage", "evaluator", "reward", "source")
 
 _TABLES: dict[str, dict[str, Any]] = {category: {} for category in CATEGORIES}
 

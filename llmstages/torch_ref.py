@@ -6,8 +6,8 @@ JAX code against (`bench_train`, `bench_decode`). It is the yardstick we are jud
 in the ordinary ways a competent PyTorch user would: fused q/k/v and gate/up projections, PyTorch's
 `scaled_dot_product_attention`, a preallocated KV cache, AdamW's fused (or foreach) kernel, every core used.
 
-Nothing here imports JAX or Flax: the bench imports this module lazily, and the timings must not share the process
-with an idle XLA runtime for no reason. `model_cfg` is a `model.ModelConfig` (read by attribute only).
+Nothing here imports JAX or Flax (the timings must not share the process with an idle XLA runtime for no reason);
+the bench imports it where torch is installed and runs with `bench.torch=False` where it is not. `model_cfg` is a `model.ModelConfig` (read by attribute only).
 
 Shapes in names as in `model`: B batch, L (query) length, S key length, P prompt length, T new tokens, D d_model,
 N query heads, K kv heads, H head dim, F mlp dim, V vocab, Y layers.
