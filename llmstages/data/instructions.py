@@ -47,6 +47,12 @@ class InstructionsConfig(tfds.core.BuilderConfig):
   w_story: float = 0.2
   system_fraction: float = 0.3
   multi_turn_fraction: float = 0.2
+  # The arith tasks' problems: those of arith(min_digits, max_digits, n_train, n_validation) (train role: its train
+  # split, held out: its validation split), so an evaluator on that arith corpus scores problems never trained.
+  arith_min_digits: int = 2
+  arith_max_digits: int = 3
+  arith_n_train: int = 20000
+  arith_n_validation: int = 1000
 
 
 @dataclasses.dataclass
@@ -73,7 +79,8 @@ class TaskMaker:
     self.world_items: dict[str, list[tuple[str, str]]] = {}
     for rel, subject, value in world.qa_items(world.WorldConfig(name="x", n_cities=cfg.world_cities)):
       self.world_items.setdefault(rel, []).append((subject, value))
-    train, validation = _arith_problems()
+    train, validation = _arith_problems(cfg.arith_min_digits, cfg.arith_max_digits, cfg.arith_n_train,
+                                        cfg.arith_n_validation)
     self.problems = train if role == "train" else validation
 
   def make(self, kind: str, rng: random.Random) -> Task:
@@ -119,9 +126,10 @@ class TaskMaker:
                 {"opener": opener})
 
 
-@functools.lru_cache(maxsize=1)
-def _arith_problems():
-  return arith.problems(arith.ArithConfig(name="instructions"))
+@functools.lru_cache(maxsize=4)
+def _arith_problems(min_digits: int = 2, max_digits: int = 3, n_train: int = 20000, n_validation: int = 1000):
+  return arith.problems(arith.ArithConfig(name="instructions", min_digits=min_digits, max_digits=max_digits,
+                                          n_train=n_train, n_validation=n_validation))
 
 
 def _break_story(story: str, rng: random.Random, people) -> tuple[str, str]:
