@@ -47,12 +47,13 @@ class InstructionsConfig(tfds.core.BuilderConfig):
   w_story: float = 0.2
   system_fraction: float = 0.3
   multi_turn_fraction: float = 0.2
-  # The arith tasks' problems: those of arith(min_digits, max_digits, n_train, n_validation) (train role: its train
-  # split, held out: its validation split), so an evaluator on that arith corpus scores problems never trained.
+  # The arith tasks' problems: those of arith(min_digits, max_digits, n_train, n_validation, ops) (train role: its
+  # train split, held out: its validation split), so an evaluator on that arith corpus scores problems never trained.
   arith_min_digits: int = 2
   arith_max_digits: int = 3
   arith_n_train: int = 20000
   arith_n_validation: int = 1000
+  arith_ops: str = "+-"
 
 
 @dataclasses.dataclass
@@ -80,7 +81,7 @@ class TaskMaker:
     for rel, subject, value in world.qa_items(world.WorldConfig(name="x", n_cities=cfg.world_cities)):
       self.world_items.setdefault(rel, []).append((subject, value))
     train, validation = _arith_problems(cfg.arith_min_digits, cfg.arith_max_digits, cfg.arith_n_train,
-                                        cfg.arith_n_validation)
+                                        cfg.arith_n_validation, cfg.arith_ops)
     self.problems = train if role == "train" else validation
 
   def make(self, kind: str, rng: random.Random) -> Task:
@@ -127,9 +128,10 @@ class TaskMaker:
 
 
 @functools.lru_cache(maxsize=4)
-def _arith_problems(min_digits: int = 2, max_digits: int = 3, n_train: int = 20000, n_validation: int = 1000):
+def _arith_problems(min_digits: int = 2, max_digits: int = 3, n_train: int = 20000, n_validation: int = 1000,
+                    ops: str = "+-"):
   return arith.problems(arith.ArithConfig(name="instructions", min_digits=min_digits, max_digits=max_digits,
-                                          n_train=n_train, n_validation=n_validation))
+                                          n_train=n_train, n_validation=n_validation, ops=ops))
 
 
 def _break_story(story: str, rng: random.Random, people) -> tuple[str, str]:
