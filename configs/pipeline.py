@@ -23,13 +23,14 @@ and a 95% interval.
 What each stage of `quick` is sized to show (64 prompts per metric, 64 held-out pairs):
   pretrain  500 steps of 8 x 256 tokens, 64 people (~100 exposures each): memorized biography facts near 1,
             QA on QA-train people near 1 and on QA-test people well above 0 (extraction), capacity R in bits/param.
-  cpt       80 steps, 16 new people, half of each batch replayed: new people memorized (not in eval.json: the
+  cpt       60 steps, 16 new people, half of each batch replayed: new people memorized (not in eval.json: the
             bios evaluator scores the pretraining people, which is the "old people kept" figure).
   sft       100 steps: QA-train near 1, QA-test above 0.2, arithmetic learned but imperfect so maj@k can beat
             greedy and GRPO has groups with signal; story continuations.
   instruct  120 steps of chat: the same facts asked in the chat template (no collapse).
   reward    80 steps of Bradley-Terry on the preference pairs: held-out pair accuracy.
-  dpo       80 steps from instruct: held-out implicit-reward accuracy, facts kept.
+  dpo       60 steps from instruct at lr 1e-4 (80 at 2e-4 took QA-train from 0.66 to 0.16): held-out implicit-reward
+            accuracy, facts kept.
   grpo      30 steps of 8 prompts x 8 samples of chat arithmetic: rollout reward rising, frac_zero_std well below 1,
             held-out arithmetic against DPO's.
 The full variant keeps the same data at 300 people and 2-3x the steps.
@@ -62,7 +63,10 @@ def build(opts: set[str], people: int | None = None):
   # No world tasks (no stage teaches geography, so they only teach guessing).
   chat_args = (f"bios_n={n},n_train={400 if smoke else 3000},n_validation={50 if smoke else 300},w_world=0,"
                f"{arith_args}")
-  chat_args += ",w_bios=0.4,w_arith=0.3,w_story=0.3"
+  # One user turn, no system prompt, as the evaluators and GRPO ask: this model finds a question's digits by their
+  # position (chat arithmetic fell from 0.39 to 0.02 after instruction tuning with 30% system prompts and 20% earlier
+  # turns before the question).
+  chat_args += ",w_bios=0.4,w_arith=0.3,w_story=0.3,system_fraction=0,multi_turn_fraction=0"
   instructions, preferences = f"instructions({chat_args})", f"preferences({chat_args})"
   c = config_lib.base_config()
   c.model.update(dict(vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384,
@@ -103,14 +107,13 @@ def build(opts: set[str], people: int | None = None):
   c.eval.update(dict(bios=bios, arith=arith, stories=stories, num_prompts=32, samples=4,
                      pass_k=(1, 4), story_tokens=192, perplexity_data=pretraining))
   if quick:
-    steps = dict(pretrain=500, cpt=60, sft=100, instruct=120, reward=80, dpo=120, ppo=20, grpo=30)
+    steps = dict(pretrain=500, cpt=60, sft=100, instruct=120, reward=80, dpo=60, ppo=20, grpo=30)
     for name, s in steps.items():
       c[name].steps = s
       c[name].eval_every = s
       c[name].checkpoint_every = s
     c.cpt.evals = facts_and_stories  # Capacity once, after pretraining: it re-reads the whole bios corpus.
     c.cpt.replay = 0.5  # 16 new people need few steps; half the batch keeps the old people, arithmetic and stories.
-    c.dpo.learning_rate = 3e-4
     # T=0.5: sampled scratchpads and stories go wrong less often, so maj@k can beat greedy on arithmetic.
     c.eval.update(dict(num_prompts=64, temperature=0.5))
     for name in ("reward", "dpo"):
