@@ -32,9 +32,10 @@ What each stage of `quick` is sized to show (64 prompts per metric, 64 held-out 
             does not learn in 80 steps what the policy's own log-probs already tell apart, 0.8 of held-out pairs).
   dpo       60 steps from instruct at lr 1e-4 (80 at 2e-4 took QA-train from 0.66 to 0.16): held-out implicit-reward
             accuracy, facts kept.
-  grpo      30 steps of 8 prompts x 8 samples of chat arithmetic: rollout reward rising, frac_zero_std well below 1,
-            held-out arithmetic against DPO's (measured: not yet; rollouts at T=1 are right 8% of the time, so 70-90%
-            of groups carry no signal, and the reward does not rise in 30 steps).
+  grpo      30 steps of 8 prompts x 8 samples of "Show your work." chat addition at T=0.7, lr 5e-5: rollout reward
+            rising, frac_zero_std well below 1, held-out arithmetic against DPO's (measured from the 60-step DPO:
+            rollout reward 0.22 -> 0.40-0.48, frac_zero_std 0.3-0.4, held-out arithmetic 0.41 vs 0.23; with
+            bare-result prompts at T=1, rollouts were right 8% of the time and 70-90% of groups had no signal).
 The full variant keeps the same data at 300 people and 2-3x the steps (not re-tuned: its DPO, 200 steps at 1e-4,
 may cost facts as the quick one did at 2e-4).
 """
