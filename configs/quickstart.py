@@ -2,12 +2,13 @@ r"""Quickstart: all seven stages of configs/pipeline.py, shortened to run in und
 
   python -m llmstages.main --config=configs/quickstart.py --workdir=/tmp/llmstages_quickstart
 
-pretrain (600 steps on synthetic biographies, scratchpad arithmetic and stories) -> cpt (new people, 25% replay)
--> sft (QA, story continuations, arithmetic) -> instruct (chat template) -> reward (Bradley-Terry) -> dpo -> grpo
-(verifiable rewards), each evaluated on facts, arithmetic, story diversity and perplexity; results in
-<workdir>/<stage>/eval.json. The README shows the table of one run. `:ppo` puts PPO-RLHF in place of DPO;
-`:smoke` shrinks everything so the whole pipeline runs in about two minutes (the tests use it); `:people=N` sets the
-bios population (default 300).
+pretrain (500 steps on the biographies of 64 people mixed with QA of half of them, scratchpad addition and stories)
+-> cpt (16 new people, half of each batch replayed) -> sft (QA, story continuations, arithmetic) -> instruct (chat
+template) -> reward (Bradley-Terry) -> dpo -> grpo (verifiable arithmetic reward), each evaluated on facts,
+arithmetic, story diversity and perplexity on 64 prompts per metric; results in <workdir>/<stage>/eval.json and
+<workdir>/results.md. configs/pipeline.py's docstring says what each stage is sized to show. `:ppo` puts PPO-RLHF in
+place of DPO; `:smoke` shrinks everything so the whole pipeline runs in about two minutes (the tests use it);
+`:people=N` sets the bios population (default 64 here, 300 in the full pipeline).
 """
 
 from configs import pipeline

@@ -4,7 +4,8 @@ Task kinds (drawn with weights `w_bios`, `w_world`, `w_arith`, `w_story`):
     bios   fact QA about a bios person: train uses QA-train people, validation QA-test people
     world  geographic QA (relation uniform, then a fact of it): train uses question templates 0-2,
            validation the held-out template 3
-    arith  "What is A op B?" (answer) or "Show your work. What is A op B?" (scratchpad); arith train/validation
+    arith  "What is A op B?" (answer) or "Show your work. What is A op B?" (scratchpad, a share
+           `arith_scratchpad_fraction`, default 0.5); arith train/validation
     story  'Write a short story that begins: "OPENER"' -> a valid grammar story; validation uses held-out openers
 Some examples carry a system message, some a previous (answered) exchange. The bios people are those of
 bios(n=bios_n, seed=bios_seed) with default pools: build instructions with the same bios n/seed as pretraining.
@@ -47,6 +48,15 @@ class InstructionsConfig(tfds.core.BuilderConfig):
   w_story: float = 0.2
   system_fraction: float = 0.3
   multi_turn_fraction: float = 0.2
+  # The arith tasks' problems: those of arith(min_digits, max_digits, n_train, n_validation, ops) (train role: its
+  # train split, held out: its validation split), so an evaluator on that arith corpus scores problems never trained.
+  arith_min_digits: int = 2
+  arith_max_digits: int = 3
+  arith_n_train: int = 20000
+  arith_n_validation: int = 1000
+  arith_ops: str = "+-"
+  # Share of arith tasks asked as "Show your work. ..." (scratchpad answer); the rest ask for the bare result.
+  arith_scratchpad_fraction: float = 0.5
 
 
 @dataclasses.dataclass
@@ -73,7 +83,8 @@ class TaskMaker:
     self.world_items: dict[str, list[tuple[str, str]]] = {}
     for rel, subject, value in world.qa_items(world.WorldConfig(name="x", n_cities=cfg.world_cities)):
       self.world_items.setdefault(rel, []).append((subject, value))
-    train, validation = _arith_problems()
+    train, validation = _arith_problems(cfg.arith_min_digits, cfg.arith_max_digits, cfg.arith_n_train,
+                                        cfg.arith_n_validation, cfg.arith_ops)
     self.problems = train if role == "train" else validation
 
   def make(self, kind: str, rng: random.Random) -> Task:
@@ -102,7 +113,7 @@ class TaskMaker:
     a, op, b = rng.choice(self.problems)
     result = arith.solve(a, op, b)
     wrong_result = result + rng.choice((-10, -2, -1, 1, 2, 10, 100))
-    if rng.random() < 0.5:
+    if rng.random() >= self.cfg.arith_scratchpad_fraction:  # 0.5: the same draws as before the argument.
       user, answer = arith.prompt_text(a, op, b), str(result)
       wrong = str(wrong_result)
     else:
@@ -119,9 +130,11 @@ class TaskMaker:
                 {"opener": opener})
 
 
-@functools.lru_cache(maxsize=1)
-def _arith_problems():
-  return arith.problems(arith.ArithConfig(name="instructions"))
+@functools.lru_cache(maxsize=4)
+def _arith_problems(min_digits: int = 2, max_digits: int = 3, n_train: int = 20000, n_validation: int = 1000,
+                    ops: str = "+-"):
+  return arith.problems(arith.ArithConfig(name="instructions", min_digits=min_digits, max_digits=max_digits,
+                                          n_train=n_train, n_validation=n_validation, ops=ops))
 
 
 def _break_story(story: str, rng: random.Random, people) -> tuple[str, str]:
@@ -160,6 +173,8 @@ def _validate(cfg: InstructionsConfig):
   if min(cfg.w_bios, cfg.w_world, cfg.w_arith, cfg.w_story) < 0 or \
           cfg.w_bios + cfg.w_world + cfg.w_arith + cfg.w_story <= 0:
     raise ValueError("instructions: task weights w_bios, w_world, w_arith, w_story must be >= 0, sum > 0")
+  if not 0.0 <= cfg.arith_scratchpad_fraction <= 1.0:
+    raise ValueError(f"instructions: arith_scratchpad_fraction={cfg.arith_scratchpad_fraction} is not in [0, 1]")
 
 
 def conversations(cfg: InstructionsConfig, split: str, salt: str) -> Iterator[tuple[list[dict], Task]]:
