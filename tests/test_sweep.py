@@ -161,7 +161,7 @@ def test_people_arg_sets_every_bios_population():
   sizes = {m for s in specs for m in re.findall(r"(?:\bn|bios_n)=(\d+)", s)}
   assert sizes == {"50"}, specs
   assert "n_new=10" in c.cpt.data
-  assert "n=300" in experiments.config_file("quickstart.py", "").pretrain.data
+  assert "n=64," in experiments.config_file("quickstart.py", "").pretrain.data  # The quick curriculum (issue #14).
   for bad, message in (("people=x", "not an integer"), ("peple=5", "unknown arg"), ("people=3", "at least 8")):
     with pytest.raises(ValueError, match=message):
       experiments.config_file("quickstart.py", bad)
