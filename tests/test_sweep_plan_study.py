@@ -16,9 +16,10 @@ from llmstages.sweep import study as study_lib
 
 SMOKE = "dropout_vs_facts:smoke"
 # (setting, seed, hash) of the smoke sweep's runs: the hash is of the fully resolved config, so a changed config
-# default, key or nesting shows up here (every shipped run must keep its hash).
-SMOKE_RUNS = [("none", 0, "6fccba861f5a31ff"), ("none", 1, "7aa967931d54a1e4"),
-              ("dropout@pretrain", 0, "d0d553e169913458"), ("dropout@pretrain", 1, "96de03aab827d817")]
+# default, key or nesting shows up here. Last changed on purpose by the quickstart curriculum (issue #14), which
+# changed the quickstart's data specs (the layering redesign before it kept every hash).
+SMOKE_RUNS = [("none", 0, "0a4017903a4e21e1"), ("none", 1, "ab060f72eaa9c6c0"),
+              ("dropout@pretrain", 0, "1ddcf1d1ccb7b1b4"), ("dropout@pretrain", 1, "f498ad376dc6da71")]
 ALL_STATES = ("new", "lost", "failed")
 
 
