@@ -34,9 +34,10 @@ What each stage of `quick` is sized to show (64 prompts per metric, the 256 held
   dpo       80 steps from instruct at lr 1e-4, beta 0.5 (80 at 2e-4, beta 0.1 took QA-train from 0.66 to 0.16):
             held-out implicit-reward accuracy (measured 0.77 of 296 pairs), facts kept (QA-train 0.98 -> 0.92).
   grpo      30 steps of 8 prompts x 8 samples of "Show your work." chat addition at T=0.7, lr 5e-5: rollout reward
-            rising, frac_zero_std well below 1, held-out arithmetic against DPO's (measured from the 60-step DPO:
-            rollout reward 0.22 -> 0.40-0.48, frac_zero_std 0.3-0.4, held-out arithmetic 0.41 vs 0.23; with
-            bare-result prompts at T=1, rollouts were right 8% of the time and 70-90% of groups had no signal).
+            rising, frac_zero_std well below 1, held-out arithmetic against DPO's (measured from this DPO: rollout
+            reward 0.21 -> 0.36-0.41, frac_zero_std 0.28-0.55, held-out arithmetic 0.41 vs 0.39, a margin within
+            noise; from the old 60-step DPO 0.41 vs 0.23; lr 1e-4 dipped to 0.11 at step 15; with bare-result
+            prompts at T=1, rollouts were right 8% of the time and 70-90% of groups had no signal).
 The full variant keeps the same data at 300 people and 2-3x the steps (not re-tuned: its DPO, 200 steps at 1e-4,
 may cost facts as the quick one did at 2e-4).
 """
