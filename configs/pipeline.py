@@ -43,10 +43,10 @@ may cost facts as the quick one did at 2e-4).
 """
 
 from llmstages import config as config_lib
+from llmstages import data
 
 
 def data_specs(mixture: str) -> list[str]:
-  from llmstages import data
   return [spec for spec, _ in data.parse_mixture(mixture)]
 
 ARGS = {"ppo", "quick", "smoke", "people=N"}
