@@ -4,7 +4,7 @@ r"""Benchmarks, one JSON object per line.
 
 - `peak_matmul`: the machine's attainable matmul rate in the compute dtype (a large square matmul), the
   denominator of MFU unless `bench.peak_gflops` is given.
-- `train_step`: our jitted, sharded train step (the very function `train.py` runs) on random tokens.
+- `train_step`: our jitted, sharded train step (the very function `train/loop.py` runs) on random tokens.
 - `train_step_torch`: the same model in plain PyTorch written the way nanoGPT is (`llmstages.torch_ref`), timed in
   alternating rounds with ours so both see the same machine state; `train_speedup` is the ratio of medians.
 - `decode`: the KV-cache sampler (`llmstages.sampler`, greedy) on `bench.decode_batch` prompts of
