@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from llmstages.model.config import (LAYER_RATE_KEYS, REMAT_POLICIES, ModelConfig, RegSites,  # noqa: F401
                                     zero_rates)
 from llmstages.model.layers import (Attention, Block, Einsum, Mlp, RMSNorm, ScannedBlock, ScoreHead,  # noqa: F401
-                                    attention_mask, cache_length, cache_mask, dropout, explicit_attention,
-                                    constrain, init_cache, neftune_scale, param_init, rope, rope_inv_freq)
+                                    apply_rope, attention_mask, cache_length, cache_mask, constrain, dropout,
+                                    explicit_attention, init_cache, neftune_scale, param_init, project, rope,
+                                    rope_inv_freq, rope_tables)
 
 Array = jax.Array
 
@@ -88,11 +89,12 @@ class Decoder(nn.Module):
       mask_BxLxS = attention_mask(segment_ids_BxL, l)
     else:
       mask_BxLxS = cache_mask(cache_index, l, cache_length(cache), kv_start_B)
-    x_BxLxD, cache = self._blocks(x_BxLxD, positions_BxL, mask_BxLxS, rates, deterministic, cache, cache_index)
+    sincos = rope_tables(positions_BxL, rope_inv_freq(cfg))
+    x_BxLxD, cache = self._blocks(x_BxLxD, sincos, mask_BxLxS, rates, deterministic, cache, cache_index)
     hidden_BxLxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
-      table_VxD = embed.embedding.astype(cfg.compute_dtype)
-      logits_BxLxV = jnp.einsum("bld,vd->blv", hidden_BxLxD, table_VxD, preferred_element_type=jnp.float32)
+      table_DxV = embed.embedding.astype(cfg.compute_dtype).T
+      logits_BxLxV = project(hidden_BxLxD, table_DxV, 1, jnp.float32)
     else:
       logits_BxLxV = Einsum("bld,dv->blv", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
                             cfg.compute_dtype, jnp.float32, name="lm_head")(hidden_BxLxD)
@@ -100,7 +102,7 @@ class Decoder(nn.Module):
     scores_BxL = ScoreHead(cfg.compute_dtype, name="score_head")(hidden_BxLxD) if self.score_head else None
     return DecoderOutput(logits=logits_BxLxV, scores=scores_BxL, cache=cache)
 
-  def _blocks(self, x_BxLxD, positions_BxL, mask_BxLxS, rates, deterministic, cache, cache_index):
+  def _blocks(self, x_BxLxD, rope_sincos, mask_BxLxS, rates, deterministic, cache, cache_index):
     """The layer stack (scanned or unrolled, rematerialized per `cfg.remat`): (hidden, new cache or None)."""
     cfg = self.cfg
     layer_rates = {k: rates[k] for k in LAYER_RATE_KEYS}
@@ -113,7 +115,7 @@ class Decoder(nn.Module):
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       return stack(cfg, self.sites, deterministic, name="layers")(
-          x_BxLxD, (layer_rates, cache), positions_BxL, mask_BxLxS, cache_index)
+          x_BxLxD, (layer_rates, cache), rope_sincos, mask_BxLxS, cache_index)
     block_cls = Block
     if cfg.remat != "none":
       block_cls = nn.remat(block_cls, policy=policy)
@@ -122,9 +124,9 @@ class Decoder(nn.Module):
       rates_i = {k: v[i] for k, v in layer_rates.items()}
       block = block_cls(cfg, self.sites, deterministic, name=f"layers_{i}")
       if cache is None:
-        x_BxLxD = block(x_BxLxD, positions_BxL, mask_BxLxS, rates_i)
+        x_BxLxD = block(x_BxLxD, rope_sincos, mask_BxLxS, rates_i)
       else:
-        x_BxLxD, layer_cache = block(x_BxLxD, positions_BxL, mask_BxLxS, rates_i, cache[i], cache_index)
+        x_BxLxD, layer_cache = block(x_BxLxD, rope_sincos, mask_BxLxS, rates_i, cache[i], cache_index)
         new_cache.append(layer_cache)
     return x_BxLxD, (new_cache if cache is not None else None)
 
