@@ -88,6 +88,7 @@ def run(config, workdir: str, mesh=None) -> list[dict]:
 
 # Headline metrics of the results table: (column, eval.json key, key of a fallback such as maj@k with another k).
 HEADLINE = (("held-out loss", "perplexity/loss"), ("memorized facts", "bios_facts/memorization/mean_greedy"),
+            ("new people", "bios_facts/new_people/mean_greedy"),
             ("QA train", "bios_facts/qa_train/greedy"), ("QA test", "bios_facts/qa_test/greedy"),
             ("arith greedy", "arith/greedy"), ("arith maj@k", "arith/maj@"), ("story EAD", "diversity/per_input/ead"),
             ("story valid", "diversity/validity"), ("bits/param", "capacity/R"),

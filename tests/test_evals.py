@@ -2,13 +2,14 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from llmstages import evals, pipeline
+from llmstages import data, evals, pipeline
 from llmstages.evals import capacity, prompts
 from llmstages.text import answer_text
 from tests.helpers import load_config, one_device_mesh
@@ -37,6 +38,7 @@ def runs(tmp_path_factory):
     pipeline.run(_config(data_dir, steps, lr), workdir, mesh=one_device_mesh())
     with open(os.path.join(workdir, "pretrain", "eval.json")) as f:
       out[name] = (workdir, json.load(f)["metrics"])
+  out["data_dir"] = data_dir
   return out
 
 
@@ -47,6 +49,27 @@ def test_trained_model_recalls_facts_its_untrained_self_does_not(runs):
   assert before["bios_facts/memorization/mean_greedy"]["value"] == 0.0
   assert after["bios_facts/memorization/mean_greedy"]["value"] >= 0.5
   assert after["bios_facts/qa_train/pass@4"]["value"] >= after["bios_facts/qa_train/pass@1"]["value"]
+  # Continued pretraining's people: never trained on here, so unknown (test_train trains on them).
+  assert before["bios_facts/new_people/mean_greedy"]["value"] == 0.0
+  assert after["bios_facts/new_people/mean_greedy"]["value"] <= 0.2
+
+
+def test_continued_pretraining_on_the_new_people_is_measured(runs, tmp_path):
+  """cpt on bios_new from the trained model, half of each batch replayed: its new people go from unknown to
+  partly memorized (seq_len 128: at 64 the biographies are cut, and their later facts never trained)."""
+  shutil.copytree(os.path.join(runs["trained"][0], "pretrain"), tmp_path / "pretrain")
+  c = _config(runs["data_dir"], 300, 1e-2)
+  c.stages = ("cpt",)
+  c.cpt.update(dict(steps=200, learning_rate=1e-2, warmup_steps=10, batch_size=16, seq_len=128, eval_every=0,
+                    replay=0.5, checkpoint_every=1000, log_every=100, evals=("bios_facts",),
+                    init_from="pretrain", data=BIOS.replace("bios(", "bios_new(")))
+  pipeline.run(c, str(tmp_path), mesh=one_device_mesh())
+  with open(tmp_path / "cpt" / "eval.json") as f:
+    after = json.load(f)["metrics"]
+  before = runs["trained"][1]["bios_facts/new_people/mean_greedy"]["value"]
+  assert before <= 0.2
+  assert after["bios_facts/new_people/mean_greedy"]["value"] >= before + 0.2  # 0.04 -> 0.33 when written.
+  assert after["bios_facts/new_people/birth_city/greedy"]["n"] == 4  # The 4 new people.
 
 
 def test_capacity_is_bounded_and_rises_with_training(runs):
@@ -96,6 +119,84 @@ def test_unknown_evaluator_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match="unknown evaluator 'bleurt'; known evaluators: .*capacity"):
     pipeline.run(c, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "pretrain")
+
+
+# --- direction of the world_facts, arith and diversity evaluators ------------------------------------------------
+SKILL_BIOS = "bios(n=8)"
+WORLD = "world(n_cities=24)"
+ARITH = "arith(min_digits=1,max_digits=2,ops=+,n_train=16,n_validation=8)"
+STORIES = "stories(bios_n=8,n_train=400,n_validation=50)"
+
+
+def _write_pairs(path, spec, split, data_dir, limit=None):
+  """A JSONL file of the first `limit` prompt/completion records of a corpus split."""
+  if not os.path.exists(path):
+    src = data.open_source(spec, split, data_dir)
+    with open(path, "w") as f:
+      for i in range(min(limit or len(src), len(src))):
+        rec = src.record(i)
+        f.write(json.dumps({"prompt": rec["prompt"], "completion": rec["completion"]}) + "\n")
+  return f"file:{path}"
+
+
+def _skills_config(data_dir, steps, lr):
+  """What is trained on is what the evaluators ask: the arith corpus's training sums and the 16 city questions
+  `world_facts` poses first, each written to a file (a model this small memorizes them; it does not learn to add
+  or the 3,000 questions of the QA corpus), and grammar stories."""
+  sums = _write_pairs(os.path.join(data_dir, "sums.jsonl"), ARITH, "train", data_dir)
+  cities = _write_pairs(os.path.join(data_dir, "cities.jsonl"), WORLD.replace("world(", "world_qa("), "train",
+                        data_dir, limit=16)
+  mixture = f"{sums}:0.35,{cities}:0.35,{STORIES}:0.3"
+  c = load_config("quickstart.py", "smoke", **{"data.dir": data_dir, "stages": ("pretrain",)})
+  c.model.update(dict(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128))
+  c.pretrain.update(dict(steps=steps, learning_rate=lr, warmup_steps=10, batch_size=16, seq_len=64, eval_every=0,
+                         checkpoint_every=1000, log_every=100, evals=("world_facts", "arith", "diversity"),
+                         data=mixture))
+  c.pretrain.reg.weight_decay = 0.0
+  c.data.tokenizer_sources = f"{sums},{cities},{STORIES},{SKILL_BIOS}"
+  c.eval.update(dict(bios=SKILL_BIOS, world=WORLD, arith=sums, stories=STORIES, num_prompts=16, samples=4,
+                     pass_k=(1, 4), max_new_tokens=6, story_tokens=24, temperature=1.0))
+  return c
+
+
+@pytest.fixture(scope="module")
+def skills(tmp_path_factory):
+  """A tiny model before (1 step at lr 0) and after 400 steps on city facts with their QA, 1-digit addition and
+  grammar stories: (config, workdir, eval.json metrics) of each."""
+  data_dir = str(tmp_path_factory.mktemp("data"))
+  out = {}
+  for name, steps, lr in (("untrained", 1, 0.0), ("trained", 400, 1e-2)):
+    c = _skills_config(data_dir, steps, lr)
+    workdir = str(tmp_path_factory.mktemp(name))
+    pipeline.run(c, workdir, mesh=one_device_mesh())
+    with open(os.path.join(workdir, "pretrain", "eval.json")) as f:
+      out[name] = (c, workdir, json.load(f)["metrics"])
+  return out
+
+
+def test_world_facts_rise_with_training_on_city_qa(skills):
+  before, after = skills["untrained"][2], skills["trained"][2]
+  assert before["world_facts/train_templates/greedy"]["value"] <= 0.1
+  assert after["world_facts/train_templates/greedy"]["value"] >= 0.5
+  assert after["world_facts/train_templates/greedy"]["n"] == 16
+
+
+def test_arith_rises_with_training_on_addition(skills):
+  before, after = skills["untrained"][2], skills["trained"][2]
+  assert before["arith/greedy"]["value"] <= 0.1
+  assert after["arith/greedy"]["value"] >= before["arith/greedy"]["value"] + 0.3
+  assert after["arith/pass@4"]["value"] >= after["arith/pass@1"]["value"]
+
+
+def test_story_diversity_falls_with_sampling_temperature(skills):
+  """The same trained model's k samples per opener: near-greedy sampling repeats itself, T=1 does not."""
+  c, workdir, hot = skills["trained"]
+  cold_config = c.copy_and_resolve_references()
+  cold_config.eval.temperature = 0.05
+  cold = evals.evaluate_stage(cold_config, "pretrain", workdir, force=True)["metrics"]
+  for key in ("per_input/distinct_2", "per_input/ead"):
+    assert hot[f"diversity/{key}"]["value"] >= cold[f"diversity/{key}"]["value"] + 0.1, key
+  assert hot["diversity/per_input/distinct_2"]["n"] == 16
 
 
 def test_answer_text():

@@ -1,7 +1,7 @@
 """Fact evaluators (docs/RESEARCH.md defines each score).
 
 - `bios_facts`: exact match per attribute on trained people's own biographies cut before the value
-  (memorization), on QA prompts of QA-train and QA-test people (extraction) and of never-seen people (answer rate =
+  (memorization; greedy for continued pretraining's new people, `new_people/`), on QA prompts of QA-train and QA-test people (extraction) and of never-seen people (answer rate =
   hallucination rate, since no answer about them can be right); greedy, maj@k and pass@k, and K-shot with
   `eval.shots`.
 - `world_facts`: geographic QA with the training and the held-out question templates.
@@ -16,21 +16,29 @@ from llmstages.evals.context import EvalContext, Metric, register
 from llmstages.text import answer_text
 
 
-def memorization(ctx: EvalContext, info: dict, trained: list[dict]) -> dict:
+def memorization(ctx: EvalContext, info: dict, people: list[dict], prefix: str = "memorization/",
+                 greedy_only: bool = False) -> dict:
   """Each person's first training biography, cut just before the value (the exact text trained on, in every format;
   a template the person's biography never used would test extraction instead). The answer is the rest of that
   sentence: the value, and the template's words after it ("Biology during his studies")."""
   out = {}
   attrs = list(info["questions"])
   render = lambda p: (info["format"], bios.bio_rng(info["seed"], p["id"], 0))
-  prefixes = [bios.bio_prefixes(p, *render(p)) for p in trained]
-  texts = [bios.render_bio(p, *render(p)) for p in trained]
+  prefixes = [bios.bio_prefixes(p, *render(p)) for p in people]
+  texts = [bios.render_bio(p, *render(p)) for p in people]
   for attr in attrs:
     prompts = [pre[attr] for pre in prefixes]
     rests = [answer_text(full[len(pre):]) for full, pre in zip(texts, prompts)]
     # A biography is continued as it was trained, in every prompt format.
-    out.update(score_prompts(ctx, prompts, matches(rests), f"memorization/{attr}/", continuation=True))
-  out["memorization/mean_greedy"] = Metric.mean_of([out[f"memorization/{a}/greedy"].value for a in attrs])
+    if greedy_only:
+      greedy = ctx.generate([ctx.encode_text(q) for q in prompts], max_new_tokens=ctx.settings.max_new_tokens,
+                            temperature=0.0)
+      ok = matches(rests)
+      out[f"{prefix}{attr}/greedy"] = Metric.mean_of(
+          [float(ok(i, answer_text(ctx.decode(seq)))) for i, seq in enumerate(greedy.sequences())])
+    else:
+      out.update(score_prompts(ctx, prompts, matches(rests), f"{prefix}{attr}/", continuation=True))
+  out[f"{prefix}mean_greedy"] = Metric.mean_of([out[f"{prefix}{a}/greedy"].value for a in attrs])
   return out
 
 
@@ -40,6 +48,10 @@ def bios_facts(ctx: EvalContext) -> dict:
   n = ctx.settings.num_prompts
   trained = [p for p in info["facts"] if p["group"] in ("qa_train", "qa_test")][:n]
   out = memorization(ctx, info, trained)
+  # Continued pretraining's people (bios_new): 0 until a stage trains on their biographies; greedy only.
+  new_people = [p for p in info["facts"] if p["group"] == "new"][:n]
+  if new_people:
+    out.update(memorization(ctx, info, new_people, "new_people/", greedy_only=True))
   # Extraction: QA on QA-train people (seen in QA data if a stage trained on it) and QA-test people.
   for split, name in (("train", "qa_train"), ("validation", "qa_test")):
     qa = with_name(ctx.settings.bios, "bios_qa")
