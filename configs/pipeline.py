@@ -23,8 +23,8 @@ and a 95% interval.
 What each stage of `quick` is sized to show (64 prompts per metric, the 256 held-out pairs that fit):
   pretrain  500 steps of 8 x 256 tokens, 64 people (~100 exposures each): memorized biography facts near 1,
             QA on QA-train people near 1 and on QA-test people well above 0 (extraction), capacity R in bits/param.
-  cpt       60 steps, 16 new people, half of each batch replayed: new people memorized (not in eval.json: the
-            bios evaluator scores the pretraining people, which is the "old people kept" figure).
+  cpt       60 steps, 16 new people, half of each batch replayed: new people memorized (bios_facts/new_people,
+            measured 0 -> 1.0) and the old people kept (bios_facts/memorization, 0.99 -> 0.89).
   sft       100 steps: QA-train near 1, QA-test above 0.2, arithmetic learned but imperfect so maj@k can beat
             greedy and GRPO has groups with signal; story continuations.
   instruct  120 steps of chat: the same facts asked in the chat template (no collapse).
