@@ -30,7 +30,7 @@ def logit_stats(logits_BxLxV: Array, targets_BxL: Array) -> tuple[Array, Array, 
 
 
 def _logit_stats(logits, targets):
-  max_BxL = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  max_BxL = jnp.max(logits, axis=-1)
   logz_BxL = max_BxL + jnp.log(jnp.sum(jnp.exp(logits - max_BxL[..., None]), axis=-1))
   target_BxL = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   mean_BxL = jnp.mean(logits, axis=-1)
@@ -77,6 +77,6 @@ def next_token_loss(logits_BxLxV: Array, targets_BxL: Array, mask_BxL: Array, la
   loss_BxL = (1.0 - label_smoothing) * nll_BxL + label_smoothing * smooth_BxL + z_loss * jnp.square(logz_BxL)
   # The same max the logsumexp takes (XLA computes it once): no argmax pass over the logits.
   correct_BxL = (target_logit_BxL >= jnp.max(logits, axis=-1)).astype(jnp.float32)
-  metrics = {"nll": jnp.sum(nll_BxL * mask), "correct": jnp.sum(jax.lax.stop_gradient(correct_BxL) * mask),
+  metrics = {"nll": jnp.sum(nll_BxL * mask), "correct": jnp.sum(correct_BxL * mask),
              "logz_sq": jnp.sum(jnp.square(logz_BxL) * mask)}
   return jnp.sum(loss_BxL * mask), jnp.sum(mask), metrics

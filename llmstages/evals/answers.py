@@ -34,8 +34,10 @@ def matches(references: Sequence[str]) -> Judge:
 
 def score_prompts(ctx: EvalContext, prompts: Sequence[str], correct: Judge, prefix: str,
                   max_new_tokens: int | None = None, extract: Callable[[str], str | None] = answer_text,
-                  questions: Sequence[str] | None = None, continuation: bool = False) -> dict:
-  """Greedy exact match, maj@k and pass@k over `prompts`; `correct(i, answer)` judges prompt i's answer.
+                  questions: Sequence[str] | None = None, continuation: bool = False,
+                  greedy_only: bool = False) -> dict:
+  """Greedy exact match, maj@k and pass@k (not with `greedy_only`) over `prompts`; `correct(i, answer)` judges
+  prompt i's answer.
 
   `extract` takes a reply to the answer that is judged and voted on. `questions` (default: the prompts) are posed
   in the stage's prompt format (`EvalContext.encode_question`); with `continuation`, as raw text to continue.
@@ -48,7 +50,7 @@ def score_prompts(ctx: EvalContext, prompts: Sequence[str], correct: Judge, pref
   greedy_ok = [float(correct(i, extract(ctx.decode(seq)))) for i, seq in enumerate(greedy.sequences())]
   out = {f"{prefix}greedy": Metric.mean_of(greedy_ok)}
   k = settings.samples
-  if k > 1:
+  if k > 1 and not greedy_only:
     many = ctx.generate(ids, max_new_tokens=new, temperature=settings.temperature, num_samples=k, seed=ctx.seed)
     answers = [extract(ctx.decode(seq)) for seq in many.sequences()]
     majority, passes = [], {kk: [] for kk in settings.pass_k if kk <= k}

@@ -1,9 +1,9 @@
 """Fact evaluators (docs/RESEARCH.md defines each score).
 
 - `bios_facts`: exact match per attribute on trained people's own biographies cut before the value
-  (memorization; greedy for continued pretraining's new people, `new_people/`), on QA prompts of QA-train and QA-test people (extraction) and of never-seen people (answer rate =
-  hallucination rate, since no answer about them can be right); greedy, maj@k and pass@k, and K-shot with
-  `eval.shots`.
+  (memorization; greedy only for continued pretraining's new people, `new_people/`), on QA prompts of QA-train
+  and QA-test people (extraction) and of never-seen people (answer rate = hallucination rate, since no answer
+  about them can be right); greedy, maj@k and pass@k, and K-shot with `eval.shots`.
 - `world_facts`: geographic QA with the training and the held-out question templates.
 """
 
@@ -30,14 +30,8 @@ def memorization(ctx: EvalContext, info: dict, people: list[dict], prefix: str =
     prompts = [pre[attr] for pre in prefixes]
     rests = [answer_text(full[len(pre):]) for full, pre in zip(texts, prompts)]
     # A biography is continued as it was trained, in every prompt format.
-    if greedy_only:
-      greedy = ctx.generate([ctx.encode_text(q) for q in prompts], max_new_tokens=ctx.settings.max_new_tokens,
-                            temperature=0.0)
-      ok = matches(rests)
-      out[f"{prefix}{attr}/greedy"] = Metric.mean_of(
-          [float(ok(i, answer_text(ctx.decode(seq)))) for i, seq in enumerate(greedy.sequences())])
-    else:
-      out.update(score_prompts(ctx, prompts, matches(rests), f"{prefix}{attr}/", continuation=True))
+    out.update(score_prompts(ctx, prompts, matches(rests), f"{prefix}{attr}/", continuation=True,
+                             greedy_only=greedy_only))
   out[f"{prefix}mean_greedy"] = Metric.mean_of([out[f"{prefix}{a}/greedy"].value for a in attrs])
   return out
 

@@ -213,8 +213,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, rope_sincos, mask_BxLxS, attn_rate, cache=None, cache_index=None):
-    """`rope_sincos`: `rope_tables` at the tokens' positions. `cache` ({'k', 'v'}: [B, K, S, H]) switches to decoding: the new keys and values are written at slot
-    `cache_index` and queries attend over all S slots under `mask_BxLxS`. Returns (out, new cache) then."""
+    """`rope_sincos`: `rope_tables` at the tokens' positions. `cache` ({'k', 'v'}: [B, K, S, H]) switches to
+    decoding: the new keys and values are written at slot `cache_index` and queries attend over all S slots under
+    `mask_BxLxS`. Returns (out, new cache) then."""
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
     dt = cfg.compute_dtype
