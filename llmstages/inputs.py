@@ -63,9 +63,14 @@ def data_dir(config) -> str:
   return config.data.dir or os.environ.get("LLMSTAGES_DATA_DIR") or os.path.expanduser("~/.cache/llmstages/data")
 
 
-def tokenizer_for(config):
+def tokenizer_for(config, workdir: str | None = None):
   """The one tokenizer of a pipeline: an imported model's (`data.tokenizer`, a Hugging Face directory), or ours
-  trained on every stage's sources (or `data.tokenizer_sources`)."""
+  trained on every stage's sources (or `data.tokenizer_sources`).
+
+  With `workdir`, ours is the workdir's own copy, `<workdir>/tokenizer/<key>/spm.model` (key: the sources and vocab
+  size), written on first use and read from then on: SentencePiece training with several threads is not
+  bit-reproducible, so a tokenizer rebuilt in another data directory can give other ids than the ones the
+  workdir's checkpoints were trained on, and they would read it as noise."""
   if config.data.get("tokenizer"):
     tok = data.HFTokenizer(config.data.tokenizer)
     if tok.vocab_size > config.model.vocab_size:
@@ -80,9 +85,16 @@ def tokenizer_for(config):
       for s, _ in data.parse_mixture(config[name].data):
         if s not in sources:
           sources.append(s)
-  tok = data.get_tokenizer(sources, config.model.vocab_size, data_dir(config))
-  if tok.vocab_size > config.model.vocab_size:
-    raise ValueError(f"tokenizer has {tok.vocab_size} tokens but config.model.vocab_size={config.model.vocab_size}")
+  vocab = config.model.vocab_size
+  pinned = os.path.join(workdir, "tokenizer", data.tokenizer_key(sources, vocab), "spm.model") if workdir else ""
+  if pinned and os.path.exists(pinned):
+    tok = data.Tokenizer.load(pinned)
+  else:
+    tok = data.get_tokenizer(sources, vocab, data_dir(config))
+    if pinned and jax.process_index() == 0:
+      tok.save(pinned)
+  if tok.vocab_size > vocab:
+    raise ValueError(f"tokenizer has {tok.vocab_size} tokens but config.model.vocab_size={vocab}")
   return tok
 
 

@@ -32,7 +32,7 @@ def load_stage(workdir: str, stage: str, mc_dropout: float = 0.0, needed_by: str
   stage_ctx = train.build_context(config, stage)
   params = workdir_lib.load_final_params(workdir, stage, stage_ctx.abstract_lm_params(),
                                          needed_by=needed_by or f"--stage={stage}")
-  tok = inputs.tokenizer_for(config)
+  tok = inputs.tokenizer_for(config, workdir)
   sampler = Sampler(stage_ctx.model_cfg, eos_id=tok.eos_id, pad_id=tok.pad_id, mesh=stage_ctx.mesh,
                     rules=stage_ctx.rules, mc_dropout=mc_dropout)
   return LoadedStage(config=config, stage=stage, tokenizer=tok, sampler=sampler, params=params)

@@ -71,7 +71,7 @@ def run(config, workdir: str, mesh=None) -> list[dict]:
   """
   check_stages(config, workdir)
   write_resolved_config(config, workdir)
-  tokenizer = inputs.tokenizer_for(config)
+  tokenizer = inputs.tokenizer_for(config, workdir)
   results = []
   for name in config.stages:
     results.append(train.run_stage(config, name, workdir, tokenizer=tokenizer, mesh=mesh))

@@ -85,6 +85,14 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def save(self, path: str) -> None:
+    """Writes the SentencePiece model to `path` atomically (a reader never sees a partial file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+      f.write(self._proto)
+    os.replace(tmp, path)
+
   def save_pretrained(self, out_dir: str) -> None:
     """Writes tokenizer.model and tokenizer_config.json (hf export; `HFTokenizer` reads them back)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -124,16 +132,26 @@ def training_texts(source_texts: list[str], data_dir: str) -> list[str]:
   return texts
 
 
-def get_tokenizer(sources_list: list[str], vocab_size: int, data_dir: str) -> Tokenizer:
-  """The tokenizer for these sources and vocab size, trained once and cached in `data_dir`.
-
-  `sources_list` holds source specs (mixture weights, if present, are ignored)."""
+def _specs(sources_list: list[str]) -> list[str]:
   specs = []
   for entry in sources_list:
     for text, _ in sources.parse_mixture(entry):
       specs.append(sources.parse_source(text).text)
   if not specs:
     raise ValueError("get_tokenizer: no sources given")
+  return specs
+
+
+def tokenizer_key(sources_list: list[str], vocab_size: int) -> str:
+  """The cache key of the tokenizer `get_tokenizer` returns for these sources and vocab size."""
+  return _cache_key(_specs(sources_list), vocab_size)
+
+
+def get_tokenizer(sources_list: list[str], vocab_size: int, data_dir: str) -> Tokenizer:
+  """The tokenizer for these sources and vocab size, trained once and cached in `data_dir`.
+
+  `sources_list` holds source specs (mixture weights, if present, are ignored)."""
+  specs = _specs(sources_list)
   if vocab_size < _MIN_EXTRA_PIECES + 16:
     raise ValueError(f"get_tokenizer: vocab_size={vocab_size} is too small; byte fallback and special tokens "
                      f"alone need {_MIN_EXTRA_PIECES} ids (use >= {_MIN_EXTRA_PIECES + 16})")
@@ -162,13 +180,9 @@ def _train(specs: list[str], vocab_size: int, data_dir: str, directory: str, pat
       pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, user_defined_symbols=list(chat.CHAT_TOKENS),
       max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
       num_threads=os.cpu_count() or 1, minloglevel=2)
-  proto = model.getvalue()
-  tokenizer = Tokenizer(proto, path)
+  tokenizer = Tokenizer(model.getvalue(), path)
   assert tokenizer.vocab_size <= vocab_size, (tokenizer.vocab_size, vocab_size)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  with os.fdopen(fd, "wb") as f:
-    f.write(proto)
-  os.replace(tmp, path)  # Atomic publish.
+  tokenizer.save(path)
   with open(os.path.join(directory, "meta.json"), "w") as f:
     json.dump({"sources": specs, "vocab_size_requested": vocab_size, "vocab_size": tokenizer.vocab_size,
                "version": TOKENIZER_VERSION, "documents": len(texts)}, f, indent=1)

@@ -56,7 +56,7 @@ def evaluate_stage(config, stage: str, workdir: str, tokenizer=None, force: bool
       done = json.load(f)
     if set(done.get("evaluators", [])) == set(wanted) and done.get("prompt_format") == fmt:
       return done
-  tokenizer = tokenizer if tokenizer is not None else inputs.tokenizer_for(config)
+  tokenizer = tokenizer if tokenizer is not None else inputs.tokenizer_for(config, workdir)
   context, params = _load_stage(config, stage, workdir, tokenizer)
   evaluation = _eval_context(config, stage, workdir, settings, fmt, tokenizer, context, params)
   results: dict[str, dict] = {}

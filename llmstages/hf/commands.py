@@ -54,7 +54,7 @@ def export_model(workdir: str, stage: str, out: str, peft: bool = False, dtype: 
   if stage not in config:
     raise ValueError(f"--stage={stage!r}: {workdir}/config.json has no config.{stage} block")
   ctx = train.build_context(config, stage, mesh)
-  tokenizer = inputs.tokenizer_for(config)
+  tokenizer = inputs.tokenizer_for(config, workdir)
   if peft:
     export_peft(workdir, stage, ctx, out)
   else:

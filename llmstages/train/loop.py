@@ -119,7 +119,8 @@ def run_stage(config, name: str, workdir: str, tokenizer=None, mesh=None) -> dic
   if workdir_lib.stage_finished(workdir, name):
     print(f"[{name}] already finished ({workdir_lib.final_marker(workdir, name)}); skipping", flush=True)
     return {"stage": name, "skipped": True}
-  ctx = dataclasses.replace(ctx, given_tokenizer=ctx.tokenizer)
+  if tokenizer is None:  # The workdir's own copy (`inputs.tokenizer_for`).
+    ctx = dataclasses.replace(ctx, given_tokenizer=inputs.tokenizer_for(config, workdir))
   inputs.report_local_data(ctx, ctx.tokenizer)
   ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=ctx.stage_config.keep_checkpoints)
   try:
