@@ -12,6 +12,8 @@ import time
 import nbformat
 import pytest
 
+from tests.helpers import one_device_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
 BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
@@ -85,7 +87,7 @@ def kernel_env(tmp_path_factory):
   os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(spec_dir.parent.parent),
                                                              saved.get("JUPYTER_PATH", "")]))
   os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, saved.get("PYTHONPATH", "")]))
-  os.environ.pop("XLA_FLAGS", None)  # One CPU device, as Colab's CPU runtime has (conftest forces 8 in-process).
+  os.environ["XLA_FLAGS"] = one_device_env()["XLA_FLAGS"]  # One CPU device, as Colab's CPU runtime has.
   for key in ("LLMSTAGES_DATA_DIR", "JAX_COMPILATION_CACHE_DIR", "MPLBACKEND"):
     os.environ.pop(key, None)  # The notebook must set up its own data dir; nothing may leak in from outside.
   os.environ["JAX_PLATFORMS"] = "cpu"

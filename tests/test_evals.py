@@ -12,7 +12,7 @@ import pytest
 from llmstages import data, evals, pipeline
 from llmstages.evals import capacity, prompts
 from llmstages.text import answer_text
-from tests.helpers import load_config, one_device_mesh
+from tests.helpers import load_config, one_device_env, one_device_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIOS = "bios(n=8,format=multi_permute,n_new=4,n_unseen=4)"
@@ -90,7 +90,7 @@ def test_eval_json_has_counts_and_intervals(runs):
 
 def test_generate_cli_votes(runs):
   workdir, _ = runs["trained"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = one_device_env()
   r = subprocess.run([sys.executable, "-m", "llmstages.generate", f"--workdir={workdir}", "--stage=pretrain",
                       "--prompt=What is the birth city of Nobody Known Here?", "--num_samples=3",
                       "--temperature=0.7", "--vote", "--max_new_tokens=8"], cwd=ROOT, env=env,

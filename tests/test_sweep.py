@@ -18,6 +18,7 @@ import time
 import pytest
 
 from llmstages import experiments
+from tests.helpers import one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "dropout_vs_facts:smoke"
@@ -25,8 +26,7 @@ STUDY = f"llmstages:{SMOKE}"
 
 
 def _env() -> dict:
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # One CPU device per run, as a plain machine has (conftest forces 8 in-process).
+  env = one_device_env()  # One CPU device per run, as a plain machine has (conftest forces 8 in-process).
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH", "")]))
   return env
 

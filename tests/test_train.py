@@ -14,7 +14,7 @@ import pytest
 from llmstages import partitioning, pipeline, train
 from llmstages import workdir as workdir_lib
 from llmstages.inputs import TokenBatch
-from tests.helpers import load_config, one_device_mesh, packed_batch, read_metrics
+from tests.helpers import load_config, one_device_env, one_device_mesh, packed_batch, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +98,7 @@ def test_sharded_equals_unsharded(data_dir, tmp_path):
 
 
 def _cli(workdir, *overrides, env_extra=None):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device per process.
+  env = one_device_env()  # One CPU device per process.
   env.update(env_extra or {})
   cmd = [sys.executable, "-m", "llmstages.main", "--config=configs/quickstart.py:smoke", f"--workdir={workdir}",
          "--config.stages=('pretrain',)", *overrides]
@@ -228,9 +228,11 @@ def _free_port():
 def test_two_processes_equal_one_device(data_dir, tmp_path):
   """jax.distributed on 127.0.0.1: 2 processes x 2 CPU devices, mesh data=2 fsdp=2, vs one device.
 
-  Both runs also evaluate (the quickstart smoke evaluators), so multi-host evaluation is exercised and compared."""
+  Both runs also evaluate (held-out loss, and facts by greedy decoding and sampling), so multi-host evaluation is
+  exercised and compared."""
   steps = ("--config.pretrain.steps=12", "--config.pretrain.log_every=1", "--config.pretrain.batch_size=8",
-           "--config.pretrain.eval_every=0", "--config.pretrain.checkpoint_every=6", f"--config.data.dir={data_dir}")
+           "--config.pretrain.eval_every=0", "--config.pretrain.checkpoint_every=6", f"--config.data.dir={data_dir}",
+           "--config.pretrain.evals=('perplexity','bios_facts')")
   one = _run_cli(tmp_path / "one", *steps)
   assert one.returncode == 0, one.stderr[-3000:]
   port = _free_port()
