@@ -66,9 +66,10 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, rates=None, deterministic=True,
-               cache=None, cache_index=None, kv_start_B=None) -> DecoderOutput:
+               cache=None, cache_index=None, kv_start_B=None, last_only: bool = False) -> DecoderOutput:
     """With `cache` (see `init_cache`), decodes: tokens go to slots cache_index.. of the cache, row b attends to
-    slots [kv_start_B[b], its own slot] (left-padded prompts), and the output carries the new cache."""
+    slots [kv_start_B[b], its own slot] (left-padded prompts), and the output carries the new cache.
+    `last_only`: logits (and scores) of the last position only, [B, 1, V] (a prompt's prefill needs no more)."""
     cfg = self.cfg
     b, l = tokens_BxL.shape
     if positions_BxL is None:
@@ -91,6 +92,8 @@ class Decoder(nn.Module):
       mask_BxLxS = cache_mask(cache_index, l, cache_length(cache), kv_start_B)
     sincos = rope_tables(positions_BxL, rope_inv_freq(cfg))
     x_BxLxD, cache = self._blocks(x_BxLxD, sincos, mask_BxLxS, rates, deterministic, cache, cache_index)
+    if last_only:
+      x_BxLxD = x_BxLxD[:, -1:]
     hidden_BxLxD = RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
       table_DxV = embed.embedding.astype(cfg.compute_dtype).T
