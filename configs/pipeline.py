@@ -148,7 +148,8 @@ def build(opts: set[str], people: int | None = None):
     # with a final carry (55 tokens; 48 cut every sum >= 100), T=0.7 and lr 5e-5 (2e-4 drove KL to 0.26 and the
     # reward down in 15 steps). 12 samples per prompt: a problem solved with probability p gives a group without
     # signal with probability p^n + (1-p)^n; from this DPO, frac_zero_std 0.18-0.48 at n=12 against 0.33-0.55 at
-    # n=8 (n=16 with 4 prompts a step: 0.15-0.3, but the rollout reward then swings with so few problems). The tokenizer stays the one of the other stages' data (this corpus is theirs, re-cut).
+    # n=8 (n=16 with 4 prompts a step: 0.15-0.3, but the rollout reward then swings with so few problems). The
+    # tokenizer stays the one of the other stages' data (this corpus is theirs, re-cut).
     if not smoke:
       tokenizer_sources = []
       for name in c.stages:

@@ -95,9 +95,6 @@ def _sample(logits, key, temperature, top_k, top_p, filtering: bool):
   return token_B, jnp.take_along_axis(logp_sampled, token_B[:, None], axis=-1)[:, 0]
 
 
-PREFILL_LAST_ONLY = True
-
-
 @functools.partial(jax.jit, static_argnames=("model", "new_tokens", "eos_id", "pad_id", "filtering", "mc"))
 def _generate(params, prompt_BxP, kv_start_B, rng, temperature, top_k, top_p, mc_rate, *, model: Decoder,
               new_tokens: int, eos_id: int, pad_id: int, filtering: bool, mc: bool):
@@ -110,7 +107,7 @@ def _generate(params, prompt_BxP, kv_start_B, rng, temperature, top_k, top_p, mc
   def apply(tokens_BxL, positions_BxL, cache, index, key):
     out = model.apply({"params": params}, tokens_BxL, positions_BxL, cache=cache, cache_index=index,
                       kv_start_B=kv_start_B, rates=rates, deterministic=not mc, rngs={"dropout": key} if mc else None,
-                      last_only=PREFILL_LAST_ONLY)
+                      last_only=True)  # The prompt's prefill needs its last logits only.
     return out.logits[:, -1], out.cache
 
   positions_BxP = jnp.maximum(jnp.arange(p)[None, :] - kv_start_B[:, None], 0)

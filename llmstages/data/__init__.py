@@ -59,6 +59,6 @@ from llmstages.data.loader import (BatchIterator, PreferenceIterator, make_itera
 from llmstages.data.sources import SOURCES, open_source, parse_mixture, parse_source, source_info
 from llmstages.data.tokenizer import Tokenizer, get_tokenizer, tokenizer_key
 
-__all__ = ["get_tokenizer", "tokenizer_key", "Tokenizer", "parse_mixture", "parse_source", "make_iterator", "BatchIterator",
-           "source_info", "open_source", "make_preference_iterator", "PreferenceIterator", "tokenize_document",
-           "format_chat", "CHAT_TOKENS", "SOURCES", "HFTokenizer"]
+__all__ = ["get_tokenizer", "tokenizer_key", "Tokenizer", "parse_mixture", "parse_source", "make_iterator",
+           "BatchIterator", "source_info", "open_source", "make_preference_iterator", "PreferenceIterator",
+           "tokenize_document", "format_chat", "CHAT_TOKENS", "SOURCES", "HFTokenizer"]
