@@ -17,10 +17,10 @@ TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_
                    max_seq_len=64)
 
 
-def one_device_env(environ=None) -> dict:
-  """`environ` (default os.environ) for a process that sees one CPU device, as a plain machine has: the XLA flags
-  without conftest's 8-device count, the others (the tests' optimization level) kept."""
-  env = dict(os.environ if environ is None else environ)
+def one_device_env() -> dict:
+  """os.environ for a process that sees one CPU device, as a plain machine has: the XLA flags without conftest's
+  8-device count, the others (the tests' optimization level) kept."""
+  env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags)
   return env

@@ -2,11 +2,13 @@
 
 import os
 import pickle
+import shutil
 import time
 
 import pytest
 
-from llmstages import data
+from llmstages import data, inputs, load
+from tests.conftest import write_chat_file
 
 BIOS = "bios(n=40,n_first=20,n_middle=20,n_last=30)"
 
@@ -74,8 +76,6 @@ def test_errors(data_dir):
 def test_a_workdir_keeps_the_tokenizer_its_stages_were_trained_with(chat_run, tmp_path):
     """The pipeline pins its tokenizer in the workdir; later readers of the workdir use that copy even where the
     data directory would give another one (multi-threaded SentencePiece training is not bit-reproducible)."""
-    import shutil
-    from llmstages import inputs, load
     c, workdir, _, _ = chat_run
     pinned = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(workdir, "tokenizer")) for f in files]
     assert [os.path.basename(p) for p in pinned] == ["spm.model"]
@@ -84,7 +84,6 @@ def test_a_workdir_keeps_the_tokenizer_its_stages_were_trained_with(chat_run, tm
     assert inputs.tokenizer_for(c)._proto == proto  # The one the stage trained with.
     moved = shutil.copytree(workdir, tmp_path / "run")
     copy = [os.path.join(d, f) for d, _, files in os.walk(moved / "tokenizer") for f in files][0]
-    from tests.conftest import write_chat_file
     other = data.get_tokenizer([f"chat:{write_chat_file(tmp_path / 'other.jsonl', n=3)}"], c.model.vocab_size,
                                str(tmp_path / "data"))
     other.save(copy)  # As if this workdir's stages had been trained with another tokenizer.
