@@ -7,6 +7,8 @@ Prompts are left-padded to a bucketed length (powers of two from 16), so nearby 
 `kv_start` tells each row where its real tokens begin, and positions count from there, so padding changes
 nothing. Temperature 0 is a true argmax. Temperature, top-k and top-p are traced values (no recompiles);
 whether any top-k/top-p filtering exists is static. A row stops at EOS and is padded after it (log-prob 0).
+The KV cache grows in power-of-two segments (`cache_segments`), so a step attends over the filled slots rounded
+up to a bucket rather than over the whole preallocated length.
 
 Log-probs: at temperature > 0, each token's log-prob under the distribution it was drawn from (temperature
 scaled, then filtered by `filter_logits`: top-k, then top-p on the renormalized top-k mass); at temperature 0,
@@ -95,11 +97,29 @@ def _sample(logits, key, temperature, top_k, top_p, filtering: bool):
   return token_B, jnp.take_along_axis(logp_sampled, token_B[:, None], axis=-1)[:, 0]
 
 
+def cache_segments(prompt_len: int, new_tokens: int, minimum: int = 64) -> list[tuple[int, int]]:
+  """(cache slots, decode steps that end the segment) per segment of the decode loop: the KV cache grows in
+  powers of two from `minimum` slots up to prompt_len + new_tokens, so that each step attends over the slots
+  filled so far rounded up to a bucket, not over the whole preallocated cache (the step that feeds token i writes
+  slot prompt_len + i and needs that many slots plus one). Decoding reads the cache once per step per layer, so
+  at 16 + 128 tokens this reads ~26% fewer cache bytes than one cache of 144 slots; each segment is one more
+  compiled copy of the step."""
+  total = prompt_len + new_tokens
+  segments, slots = [], min(total, max(minimum, bucket_length(prompt_len + 1)))
+  while True:
+    last_step = min(new_tokens, slots - prompt_len)
+    segments.append((slots, last_step))
+    if last_step == new_tokens:
+      return segments
+    slots = min(total, 2 * slots)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "new_tokens", "eos_id", "pad_id", "filtering", "mc"))
 def _generate(params, prompt_BxP, kv_start_B, rng, temperature, top_k, top_p, mc_rate, *, model: Decoder,
               new_tokens: int, eos_id: int, pad_id: int, filtering: bool, mc: bool):
   b, p = prompt_BxP.shape
-  cache = init_cache(model.cfg, b, p + new_tokens)
+  segments = cache_segments(p, new_tokens)
+  cache = init_cache(model.cfg, b, segments[0][0])
   rates = jax.tree.map(lambda r: r + mc_rate, zero_rates(model.cfg.num_layers)) if mc else None
   rates = None if rates is None else {**rates, "neftune_alpha": jnp.zeros((), jnp.float32),
                                       "drop_path": jnp.zeros_like(rates["drop_path"])}
@@ -115,10 +135,6 @@ def _generate(params, prompt_BxP, kv_start_B, rng, temperature, top_k, top_p, mc
   last_BxV, cache = apply(prompt_BxP, positions_BxP, cache, 0, key)
   prompt_len_B = p - kv_start_B
 
-  def cond(state):
-    i, _, _, _, _, done_B, _ = state
-    return (i < new_tokens) & ~jnp.all(done_B)
-
   def body(state):
     i, last_BxV, cache, tokens_BxT, logps_BxT, done_B, rng = state
     rng, k_sample, k_drop = jax.random.split(rng, 3)
@@ -133,7 +149,12 @@ def _generate(params, prompt_BxP, kv_start_B, rng, temperature, top_k, top_p, mc
 
   state = (jnp.int32(0), last_BxV, cache, jnp.full((b, new_tokens), pad_id, jnp.int32),
            jnp.zeros((b, new_tokens), jnp.float32), jnp.zeros((b,), jnp.bool_), rng)
-  _, _, _, tokens_BxT, logps_BxT, _, _ = jax.lax.while_loop(cond, body, state)
+  for slots, last_step in segments:
+    grow = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, slots - x.shape[-2]), (0, 0)])
+    state = state[:2] + (jax.tree.map(grow, state[2]),) + state[3:]
+    cond = lambda state, last_step=last_step: (state[0] < last_step) & ~jnp.all(state[5])
+    state = jax.lax.while_loop(cond, body, state)
+  _, _, _, tokens_BxT, logps_BxT, _, _ = state
   return tokens_BxT, logps_BxT
 
 

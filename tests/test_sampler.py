@@ -7,7 +7,7 @@ import pytest
 
 from llmstages import losses
 from llmstages.model import Decoder, init_cache
-from llmstages.sampler import Sampler, _generate, filter_logits, generate_without_cache
+from llmstages.sampler import Sampler, _generate, cache_segments, filter_logits, generate_without_cache
 from tests.helpers import init_params, tiny
 
 CFG = tiny(vocab_size=64, max_seq_len=64)
@@ -62,6 +62,32 @@ def test_greedy_is_argmax_is_top_k_1_and_matches_no_cache(params):
   np.testing.assert_array_equal(greedy.tokens, top1.tokens)
   ref = generate_without_cache(params, jnp.asarray(np.array(prompts, np.int32)), model=Decoder(CFG), new_tokens=10)
   np.testing.assert_array_equal(greedy.tokens, np.asarray(ref))
+
+
+@pytest.mark.parametrize("prompt_len,new_tokens", [(16, 128), (6, 80), (64, 32), (100, 300), (200, 1)])
+def test_cache_segments_grow_by_doubling_and_hold_every_step(prompt_len, new_tokens):
+  segments = cache_segments(prompt_len, new_tokens)
+  slots = [s for s, _ in segments]
+  assert slots[-1] == prompt_len + new_tokens and slots[0] >= min(64, prompt_len + new_tokens)
+  assert all(b == min(2 * a, prompt_len + new_tokens) for a, b in zip(slots, slots[1:]))
+  first = 0
+  for slots_j, last in segments:  # Step i writes slot prompt_len + i: it needs prompt_len + i + 1 slots.
+    assert first < last and prompt_len + last <= slots_j
+    first = last
+  assert first == new_tokens
+
+
+def test_decoding_across_cache_segments_matches_no_cache():
+  cfg = tiny(vocab_size=64, max_seq_len=160)
+  params = init_params(cfg, seed=3)
+  prompts = _prompts((6, 6), seed=1)
+  assert len(cache_segments(6, 90)) == 2  # 64 slots, then 96.
+  greedy = Sampler(cfg, eos_id=-1, pad_id=PAD).generate(params, prompts, max_new_tokens=90)
+  ref = generate_without_cache(params, jnp.asarray(np.array(prompts, np.int32)), model=Decoder(cfg), new_tokens=90)
+  np.testing.assert_array_equal(greedy.tokens, np.asarray(ref))
+  full = np.asarray(Decoder(cfg).apply({"params": params}, np.concatenate([prompts, greedy.tokens], 1)).logits)
+  want = np.take_along_axis(jax.nn.log_softmax(full[:, 5:-1]), greedy.tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(greedy.logprobs, want, rtol=1e-4, atol=1e-4)
 
 
 def test_seeds_repeat_and_differ(params):
