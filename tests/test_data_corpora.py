@@ -213,6 +213,12 @@ def test_preferences_chosen_right_rejected_wrong(data_dir, geo):
     story_people = stories.bios_people(200, 0)
     records = _records(PREFS, data_dir, "train")
     assert {r["meta"]["kind"] for r in records} == {"bios", "world", "arith", "story"}
+    # A rejected bios value is another value of a person of the question's own group (QA-train for train,
+    # QA-test for validation): a value of the other group would tell the pairs apart without knowing any fact.
+    for split, group in (("train", "qa_train"), ("validation", "qa_test")):
+        values = {attr: {p[attr] for p in people.values() if p["group"] == group} for attr in bios.ATTRIBUTES}
+        bios_pairs = [r for r in _records(PREFS, data_dir, split) if r["meta"]["kind"] == "bios"]
+        assert bios_pairs and all(r["rejected"][1:-len(chat.END)] in values[r["meta"]["attr"]] for r in bios_pairs)
     for rec in records:
         assert rec["format"] == "pref" and rec["prompt"].endswith(chat.ASSISTANT)
         chosen, rejected = rec["completion"], rec["rejected"]

@@ -12,9 +12,9 @@ bios(n=bios_n, seed=bios_seed) with default pools: build instructions with the s
 
 instructions: records of format 'chat' (text = the rendered conversation; loss on assistant turns only).
 preferences: records of format 'pref': prompt = conversation up to and including `<|assistant|>`, completion
-(chosen) = " ANSWER<|end|>", rejected = " WRONG<|end|>", where WRONG states another value of the same attribute,
-a wrong sum, or the story with a goal left unresolved or a false bios fact. As LM documents, preferences read as
-prompt + chosen. meta holds kind, answer and (preferences) why the rejected one is wrong.
+(chosen) = " ANSWER<|end|>", rejected = " WRONG<|end|>", where WRONG states another value of the same attribute
+(of a person of the same QA group), a wrong sum, or the story with a goal left unresolved or a false bios fact.
+As LM documents, preferences read as prompt + chosen. meta holds kind, answer and (preferences) why the rejected one is wrong.
 """
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ class TaskMaker:
     people = bios.make_people(bios.BiosConfig(name="instructions", n=cfg.bios_n, seed=cfg.bios_seed))
     group = "qa_train" if role == "train" else "qa_test"
     self.people = [p for p in people if p["group"] == group]
-    self.all_people = [p for p in people if p["group"] in ("qa_train", "qa_test")]
     self.story_people = stories.bios_people(cfg.bios_n, cfg.bios_seed)
     # Relation first, then a fact of it: cities would otherwise dominate the country facts.
     self.world_items: dict[str, list[tuple[str, str]]] = {}
@@ -94,8 +93,8 @@ class TaskMaker:
     person = rng.choice(self.people)
     attr = rng.choice(bios.ATTRIBUTES)
     wrong = person[attr]
-    while wrong == person[attr]:
-      wrong = rng.choice(self.all_people)[attr]
+    while wrong == person[attr]:  # Another person of the same group: no value says which group it came from.
+      wrong = rng.choice(self.people)[attr]
     return Task("bios", bios.QUESTIONS[attr].format(name=person["name"]), person[attr], wrong,
                 f"wrong {attr}", {"person": person["id"], "attr": attr})
 
@@ -189,6 +188,8 @@ def conversations(cfg: InstructionsConfig, split: str, salt: str) -> Iterator[tu
 class LlmstagesInstructions(corpus.CorpusBuilder):
   """Chat-format instruction data (see the module docstring)."""
 
+  VERSION = tfds.core.Version("1.1.0")  # 1.1.0: a wrong bios value comes from the question's own people group.
+
   CONFIG_CLASS = InstructionsConfig
   CONFIG_PREFIX = "n{n_train}_s{seed}_b{bios_n}"
 
@@ -204,6 +205,8 @@ class LlmstagesInstructions(corpus.CorpusBuilder):
 
 class LlmstagesPreferences(corpus.CorpusBuilder):
   """(prompt, chosen, rejected) triples (see the module docstring)."""
+
+  VERSION = tfds.core.Version("1.1.0")  # 1.1.0: a wrong bios value comes from the question's own people group.
 
   CONFIG_CLASS = InstructionsConfig
   CONFIG_PREFIX = "n{n_train}_s{seed}_b{bios_n}"
