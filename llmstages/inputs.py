@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from llmstages import data
 from llmstages.data import report as data_report
@@ -91,11 +93,24 @@ def tokenizer_for(config, workdir: str | None = None):
     tok = data.Tokenizer.load(pinned)
   else:
     tok = data.get_tokenizer(sources, vocab, data_dir(config))
-    if pinned and jax.process_index() == 0:
-      tok.save(pinned)
+  if jax.process_count() > 1:
+    tok = _process_zero_tokenizer(tok)
+  if pinned and jax.process_index() == 0 and not os.path.exists(pinned):
+    tok.save(pinned)
   if tok.vocab_size > vocab:
     raise ValueError(f"tokenizer has {tok.vocab_size} tokens but config.model.vocab_size={vocab}")
   return tok
+
+
+def _process_zero_tokenizer(tok):
+  """Process 0's tokenizer, on every process (a collective: every process calls it). Hosts with their own data
+  directories would otherwise each train one, and SentencePiece need not give the same model twice."""
+  proto = np.frombuffer(tok.model_proto, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(proto.size)))
+  buf = np.zeros(size, np.uint8)
+  buf[:min(size, proto.size)] = proto[:size]
+  got = np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
+  return tok if got == tok.model_proto else data.Tokenizer(got)
 
 
 def report_local_data(ctx: StageContext, tokenizer) -> list[str]:

@@ -1,14 +1,19 @@
 """Tests of the SentencePiece tokenizer: fixed special ids, chat tokens, byte fallback, vocab cap, caching."""
 
+import hashlib
 import os
 import pickle
 import shutil
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
 from llmstages import data, inputs, load
 from tests.conftest import write_chat_file
+from tests.helpers import one_device_env
 
 BIOS = "bios(n=40,n_first=20,n_middle=20,n_last=30)"
 
@@ -81,14 +86,41 @@ def test_a_workdir_keeps_the_tokenizer_its_stages_were_trained_with(chat_run, tm
     assert [os.path.basename(p) for p in pinned] == ["spm.model"]
     with open(pinned[0], "rb") as f:
         proto = f.read()
-    assert inputs.tokenizer_for(c)._proto == proto  # The one the stage trained with.
+    assert inputs.tokenizer_for(c).model_proto == proto  # The one the stage trained with.
     moved = shutil.copytree(workdir, tmp_path / "run")
     copy = [os.path.join(d, f) for d, _, files in os.walk(moved / "tokenizer") for f in files][0]
     other = data.get_tokenizer([f"chat:{write_chat_file(tmp_path / 'other.jsonl', n=3)}"], c.model.vocab_size,
                                str(tmp_path / "data"))
     other.save(copy)  # As if this workdir's stages had been trained with another tokenizer.
-    assert load.load_stage(str(moved), "instruct").tokenizer._proto == other._proto != proto
+    assert load.load_stage(str(moved), "instruct").tokenizer.model_proto == other.model_proto != proto
     elsewhere = c.copy_and_resolve_references()
     elsewhere.data.dir = str(tmp_path / "empty")
-    assert inputs.tokenizer_for(elsewhere, workdir)._proto == proto
+    assert inputs.tokenizer_for(elsewhere, workdir).model_proto == proto
     assert not os.path.exists(tmp_path / "empty")  # Read from the workdir: nothing rebuilt.
+
+
+TWO_HOSTS = """
+import hashlib, sys
+from llmstages import data, inputs, partitioning
+partitioning.maybe_initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), cpu_devices_per_process=1)
+print("sha", hashlib.sha256(inputs._process_zero_tokenizer(data.Tokenizer.load(sys.argv[3])).model_proto).hexdigest())
+"""
+
+
+def test_every_process_tokenizes_with_process_zeros_tokenizer(data_dir, tok, tmp_path):
+    """Hosts with their own data directories could each train a tokenizer; all must use process 0's."""
+    other = data.get_tokenizer([BIOS], 600, data_dir)
+    assert other.model_proto != tok.model_proto
+    paths = [str(tmp_path / f"{i}.model") for i in range(2)]
+    tok.save(paths[0])
+    other.save(paths[1])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, f"127.0.0.1:{port}", str(i), paths[i]],
+                              env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    want = hashlib.sha256(tok.model_proto).hexdigest()
+    assert [[line.split()[1] for line in out.splitlines() if line.startswith("sha ")] for out in outs] == [[want]] * 2

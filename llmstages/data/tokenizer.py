@@ -46,6 +46,11 @@ class Tokenizer:
     self.pad_id, self.bos_id, self.eos_id, self.unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
     assert (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id(), self._sp.unk_id()) == (0, 1, 2, 3)
 
+  @property
+  def model_proto(self) -> bytes:
+    """The serialized SentencePiece model."""
+    return self._proto
+
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
     with open(path, "rb") as f:
