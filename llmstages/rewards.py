@@ -102,5 +102,8 @@ def _story_people(bios_n: int, bios_seed: int):
 def story_valid(completion: str, prompt: Prompt) -> float | None:
   if prompt.kind != "story":
     return None
-  story = f"{prompt.text} {completion.strip()}" if prompt.meta.get("opener_in_prompt") else completion.strip()
+  # The opener is the raw prompt itself, or the chat request's (meta "opener"); a reply that retells it is whole.
+  opener = prompt.text if prompt.meta.get("opener_in_prompt") else prompt.meta.get("opener", "")
+  reply = completion.strip()
+  story = f"{opener} {reply}" if opener and not reply.startswith(opener) else reply
   return float(stories.check_story(story, _story_people(prompt.bios_n, prompt.bios_seed)))

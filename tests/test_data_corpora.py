@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from llmstages import data, registry
+from llmstages import data, registry, rewards
 from llmstages.data import arith, bios, chat, corpus, sources, stories, world
+from llmstages.stages import rollout
 
 WORLD = "world(n_cities=300)"
 STORIES = "stories(n_train=300,n_validation=100,bios_n=200)"
@@ -200,8 +201,9 @@ def test_instruction_answers_are_correct(data_dir):
                 assert person["group"] in groups and answer == person[meta["attr"]]
             elif meta["kind"] == "arith":
                 assert arith.final_answer(answer) == meta["result"]
-            elif meta["kind"] == "story":
-                assert stories.check_story(answer, story_people)
+            elif meta["kind"] == "story":  # The reply continues the user's opener.
+                assert not answer.startswith(meta["opener"])
+                assert stories.check_story(f"{meta['opener']} {answer}", story_people)
                 held_out = split == "validation"
                 assert any(re.match("^" + re.escape(stories.OPENERS[i]).replace(r"\{intro\}", ".+")
                                     .replace(r"\{place\}", ".+") + "$", meta["opener"])
@@ -212,6 +214,7 @@ def test_preferences_chosen_right_rejected_wrong(data_dir, geo):
     people = {p["id"]: p for p in bios.make_people(bios.BiosConfig(name="x", n=200))}
     story_people = stories.bios_people(200, 0)
     records = _records(PREFS, data_dir, "train")
+    source = sources.open_source(PREFS, "train", data_dir)
     assert {r["meta"]["kind"] for r in records} == {"bios", "world", "arith", "story"}
     # A rejected bios value is another value of a person of the question's own group (QA-train for train,
     # QA-test for validation): a value of the other group would tell the pairs apart without knowing any fact.
@@ -235,7 +238,12 @@ def test_preferences_chosen_right_rejected_wrong(data_dir, geo):
             question = rec["prompt"].rsplit(chat.USER, 1)[1]
             assert arith.verify(question, chosen) and not arith.verify(question, rejected)
         else:
-            assert stories.check_story(chosen, story_people) and not stories.check_story(rejected, story_people)
+            opener = meta["opener"]
+            assert stories.check_story(f"{opener} {chosen}", story_people)
+            assert not stories.check_story(f"{opener} {rejected}", story_people)
+            reward = lambda reply: rewards.score(("story",), reply, rollout.record_prompt(rec, source), "test")
+            assert reward(f" {chosen}") == reward(f" {opener} {chosen}") == {"story": 1.0}
+            assert reward(f" {rejected}") == {"story": 0.0}
     # As LM documents, preferences are prompt (no loss) + chosen (loss).
     doc = sources.record_to_document(records[0])
     assert doc == [(records[0]["prompt"], False), (records[0]["completion"], True)]

@@ -6,14 +6,15 @@ Task kinds (drawn with weights `w_bios`, `w_world`, `w_arith`, `w_story`):
            validation the held-out template 3
     arith  "What is A op B?" (answer) or "Show your work. What is A op B?" (scratchpad, a share
            `arith_scratchpad_fraction`, default 0.5); arith train/validation
-    story  'Write a short story that begins: "OPENER"' -> a valid grammar story; validation uses held-out openers
+    story  'Write a short story that begins: "OPENER"' -> the rest of a valid grammar story that opens with OPENER
+           (the reply continues it); validation uses held-out openers
 Some examples carry a system message, some a previous (answered) exchange. The bios people are those of
 bios(n=bios_n, seed=bios_seed) with default pools: build instructions with the same bios n/seed as pretraining.
 
 instructions: records of format 'chat' (text = the rendered conversation; loss on assistant turns only).
 preferences: records of format 'pref': prompt = conversation up to and including `<|assistant|>`, completion
 (chosen) = " ANSWER<|end|>", rejected = " WRONG<|end|>", where WRONG states another value of the same attribute
-(of a person of the same QA group), a wrong sum, or the story with a goal left unresolved or a false bios fact.
+(of a person of the same QA group), a wrong sum, or the story's continuation with a goal left unresolved or a false bios fact.
 As LM documents, preferences read as prompt + chosen. meta holds kind, answer and (preferences) why the rejected one is wrong.
 """
 
@@ -123,9 +124,11 @@ class TaskMaker:
   def _story(self, rng):
     openers = stories.TRAIN_OPENERS if self.role == "train" else stories.HELD_OUT_OPENERS
     opener, rest = stories.generate_story(rng, openers, self.story_people, 0.3)
-    story = f"{opener} {rest}"
-    broken, why = _break_story(story, rng, self.story_people)
-    return Task("story", rng.choice(STORY_REQUESTS).format(opener=opener), story, broken, why,
+    broken, why = _break_story(f"{opener} {rest}", rng, self.story_people)
+    assert broken.startswith(opener + " "), (opener, broken)
+    # The reply continues the opener the user gave rather than retelling it: a small model asked for a held-out
+    # opener otherwise starts its reply with one of the openers it was trained on.
+    return Task("story", rng.choice(STORY_REQUESTS).format(opener=opener), rest, broken[len(opener) + 1:], why,
                 {"opener": opener})
 
 
@@ -188,7 +191,8 @@ def conversations(cfg: InstructionsConfig, split: str, salt: str) -> Iterator[tu
 class LlmstagesInstructions(corpus.CorpusBuilder):
   """Chat-format instruction data (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.1.0")  # 1.1.0: a wrong bios value comes from the question's own people group.
+  # 1.1.0: a wrong bios value comes from the question's own people group. 1.2.0: a story reply continues the opener.
+  VERSION = tfds.core.Version("1.2.0")
 
   CONFIG_CLASS = InstructionsConfig
   CONFIG_PREFIX = "n{n_train}_s{seed}_b{bios_n}"
@@ -206,7 +210,8 @@ class LlmstagesInstructions(corpus.CorpusBuilder):
 class LlmstagesPreferences(corpus.CorpusBuilder):
   """(prompt, chosen, rejected) triples (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.1.0")  # 1.1.0: a wrong bios value comes from the question's own people group.
+  # 1.1.0: a wrong bios value comes from the question's own people group. 1.2.0: a story reply continues the opener.
+  VERSION = tfds.core.Version("1.2.0")
 
   CONFIG_CLASS = InstructionsConfig
   CONFIG_PREFIX = "n{n_train}_s{seed}_b{bios_n}"

@@ -17,7 +17,8 @@ from llmstages.evals.context import EvalContext, Metric, register
 
 
 def continuation(reply: str, opener: str) -> str:
-  """A story reply without the opener it starts from (a chat reply retells it; a raw continuation does not)."""
+  """A story reply without the opener it starts from, if it retells it (instruction tuning teaches replies that
+  continue the opener, as a raw continuation does; a model may still retell it)."""
   reply = reply.strip()
   return reply[len(opener):].strip() if reply.startswith(opener) else reply
 
@@ -63,7 +64,7 @@ def diversity(ctx: EvalContext) -> dict:
   recs = records(ctx, with_name(settings.stories, "stories_prompts"), "validation", settings.num_prompts)
   openers = [r["prompt"] for r in recs]
   k = max(settings.samples, 2)
-  if ctx.prompt_format == "chat":  # The request instruction tuning taught; the reply retells the opener.
+  if ctx.prompt_format == "chat":  # The request instruction tuning taught; the reply continues the opener.
     ids = [ctx.encode_question(instructions.STORY_REQUESTS[0].format(opener=o)) for o in openers]
   else:
     ids = [ctx.encode_text(o) for o in openers]
