@@ -70,9 +70,9 @@ def tokenizer_for(config, workdir: str | None = None):
   trained on every stage's sources (or `data.tokenizer_sources`).
 
   With `workdir`, ours is the workdir's own copy, `<workdir>/tokenizer/<key>/spm.model` (key: the sources and vocab
-  size), written on first use and read from then on: SentencePiece training with several threads is not
-  bit-reproducible, so a tokenizer rebuilt in another data directory can give other ids than the ones the
-  workdir's checkpoints were trained on, and they would read it as noise."""
+  size), written on first use and read from then on: a tokenizer rebuilt in another data directory (another
+  SentencePiece version, a corpus rebuilt by other code, or one trained before tokenizers were single-threaded) can
+  give other ids than the ones the workdir's checkpoints were trained on, and they would read it as noise."""
   if config.data.get("tokenizer"):
     tok = data.HFTokenizer(config.data.tokenizer)
     if tok.vocab_size > config.model.vocab_size:
@@ -104,7 +104,8 @@ def tokenizer_for(config, workdir: str | None = None):
 
 def _process_zero_tokenizer(tok):
   """Process 0's tokenizer, on every process (a collective: every process calls it). Hosts with their own data
-  directories would otherwise each train one, and SentencePiece need not give the same model twice."""
+  directories would otherwise each train one, and nothing makes them equal (other SentencePiece versions, other
+  corpora)."""
   proto = np.frombuffer(tok.model_proto, np.uint8)
   size = int(multihost_utils.broadcast_one_to_all(np.int32(proto.size)))
   buf = np.zeros(size, np.uint8)

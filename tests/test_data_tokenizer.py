@@ -66,6 +66,13 @@ def test_vocab_never_exceeds_request_and_cache(data_dir, tok):
     assert other.path != tok.path
 
 
+def test_the_tokenizer_does_not_depend_on_the_machines_core_count(data_dir, tok, tmp_path, monkeypatch):
+    for cores in (1, 4):  # SentencePiece trained on 1 and 2 threads gives two models of the same text.
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        again = data.get_tokenizer([BIOS], 1000, str(tmp_path / f"cores{cores}"))
+        assert again.model_proto == tok.model_proto
+
+
 def test_pickle(tok):
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.vocab_size == tok.vocab_size and clone.encode("He was born.") == tok.encode("He was born.")

@@ -8,7 +8,9 @@ encodes), `split_digits=True` (arithmetic), identity normalization and no dummy 
 The trained model is cached under `data_dir/tokenizers/<hash>/spm.model`, the hash covering the normalized source
 specs, the vocab size and `TOKENIZER_VERSION`. If the corpus cannot support the requested vocab size, training
 uses `hard_vocab_limit=False`, so `Tokenizer.vocab_size <= vocab_size` always (the model's embedding has the
-requested size; ids above the tokenizer's are simply never produced).
+requested size; ids above the tokenizer's are simply never produced). Training uses one thread: SentencePiece's
+result depends on its thread count, so a machine with more cores would otherwise train another tokenizer from the
+same text (and its runs would not reproduce this machine's).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import tqdm
 
 from llmstages.data import chat, sources
 
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2  # 2: trained on one thread (version 1 used every core).
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Documents sampled per source to train the tokenizer: enough for stable pieces, and unigram training time grows
 # faster than linearly with the number of sentences (15k: ~1 s, 33k: ~8 s here).
@@ -165,8 +167,8 @@ def get_tokenizer(sources_list: list[str], vocab_size: int, data_dir: str) -> To
   if os.path.exists(path):
     return Tokenizer.load(path)
   os.makedirs(directory, exist_ok=True)
-  # One trainer per cache entry: processes starting together must all use the same model (training with
-  # several threads need not be bit-reproducible), so the others wait and load it.
+  # One trainer per cache entry: processes starting together must all use the same model, so the others wait
+  # and load it.
   with filelock.FileLock(os.path.join(directory, ".lock")):
     if os.path.exists(path):
       return Tokenizer.load(path)
@@ -184,7 +186,7 @@ def _train(specs: list[str], vocab_size: int, data_dir: str, directory: str, pat
       normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
       pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, user_defined_symbols=list(chat.CHAT_TOKENS),
       max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
-      num_threads=os.cpu_count() or 1, minloglevel=2)
+      num_threads=1, minloglevel=2)  # Not os.cpu_count(): the model depends on it (module docstring).
   tokenizer = Tokenizer(model.getvalue(), path)
   assert tokenizer.vocab_size <= vocab_size, (tokenizer.vocab_size, vocab_size)
   tokenizer.save(path)
