@@ -148,17 +148,16 @@ def build(opts: set[str], people: int | None = None):
     # with a final carry (55 tokens; 48 cut every sum >= 100), T=0.7 and lr 5e-5 (2e-4 drove KL to 0.26 and the
     # reward down in 15 steps). 12 samples per prompt: a problem solved with probability p gives a group without
     # signal with probability p^n + (1-p)^n; from this DPO, frac_zero_std 0.18-0.48 at n=12 against 0.33-0.55 at
-    # n=8 (n=16 with 4 prompts a step: 0.15-0.3, but the rollout reward then swings with so few problems). The
-    # tokenizer stays the one of the other stages' data (this corpus is theirs, re-cut).
+    # n=8 (n=16 with 4 prompts a step: 0.15-0.3, but the rollout reward then swings with so few problems).
     if not smoke:
-      tokenizer_sources = []
-      for name in c.stages:
-        tokenizer_sources += [s for s in data_specs(c[name].data) if s not in tokenizer_sources]
-      c.data.tokenizer_sources = ",".join(tokenizer_sources)
       arith_only = chat_args.replace("w_bios=0.4,w_arith=0.3,w_story=0.3", "w_bios=0,w_arith=1,w_story=0")
       c.grpo.data = f"preferences({arith_only},arith_scratchpad_fraction=1.0)"
     c.grpo.update(dict(steps=30, batch_size=96, learning_rate=5e-5, eval_every=30, checkpoint_every=30))
     c.grpo.rl.update(dict(kinds=("arith",), temperature=0.7, max_new_tokens=64, num_generations=12))
+  if not smoke:
+    # The tokenizer learns the pretraining mixture only, so later stages' data (GRPO's re-cut preferences, an
+    # edited instruction corpus) cannot change it, nor through it any stage before them.
+    c.data.tokenizer_sources = ",".join(data_specs(c.pretrain.data))
   if smoke:
     shrink_to_smoke(c)
   return config_lib.finalize(c)
