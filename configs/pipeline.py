@@ -24,26 +24,28 @@ What each stage of `quick` is sized to show (64 prompts per metric, the 256 held
   pretrain  500 steps of 8 x 256 tokens, 64 people (~100 exposures each): memorized biography facts near 1,
             QA on QA-train people near 1 and on QA-test people well above 0 (extraction), capacity R in bits/param.
   cpt       60 steps, 16 new people, half of each batch replayed: new people memorized (bios_facts/new_people,
-            measured 0 -> 1.0) and the old people kept (bios_facts/memorization, 0.99 -> 0.89).
+            measured 0 -> 1.0) and the old people kept (bios_facts/memorization, 0.99 -> 0.90).
   sft       100 steps: QA-train near 1, QA-test above 0.2, arithmetic learned but imperfect so maj@k can beat
             greedy and GRPO has groups with signal; story continuations.
   instruct  120 steps of chat: the same facts asked in the chat template (no collapse).
   reward    80 steps of Bradley-Terry on the preference pairs, LoRA rank 16 at lr 3e-3: held-out pair accuracy
-            (measured 0.63 of 296 pairs, short of 0.75: biography pairs of QA-test people stay at chance, 0.53, story
-            pairs 0.77, arithmetic 0.58-0.67; the policy's own log-probs tell 0.8 of held-out pairs apart).
+            (measured 0.58 of 256 pairs, short of 0.75: story pairs 0.79, arithmetic 0.56-0.60, biography pairs of
+            QA-test people 0.53 (chance), though the instruct model's own log-probs tell 0.93 of those apart).
   dpo       80 steps from instruct at lr 1e-4, beta 0.5 (80 at 2e-4, beta 0.1 took QA-train from 0.66 to 0.16):
-            held-out implicit-reward accuracy (measured 0.77 of 296 pairs), facts kept (QA-train 0.98 -> 0.92).
+            held-out implicit-reward accuracy (measured 0.80 of 256 pairs), facts kept (QA-train 0.98 -> 0.94).
   grpo      30 steps of 8 prompts x 12 samples of "Show your work." chat addition at T=0.7, lr 5e-5: rollout
-            reward rising, frac_zero_std below 0.5, held-out arithmetic above DPO's (measured from session 6's DPO:
-            rollout reward 0.28 -> 0.39-0.44, frac_zero_std 0.18-0.48, held-out greedy 0.33 vs 0.27; with 8 samples
-            frac_zero_std reached 0.55; lr 1e-4 dipped to 0.11 at step 15; with bare-result prompts at T=1,
-            rollouts were right 8% of the time and 70-90% of groups had no signal).
-  Not shown at this size (README, "Reading"): maj@k above greedy on arithmetic (one deterministic derivation per
-  problem: the sampled answers' mode is greedy's answer, maj@16 0.59 vs greedy 0.61 on 256 problems), valid
-  stories after instruction tuning (the reply to a held-out opener starts a training opener instead of retelling
-  it), the reward model at 0.75.
-The full variant keeps the same data at 300 people and 2-3x the steps (not re-tuned: its DPO, 200 steps at 1e-4,
-may cost facts as the quick one did at 2e-4).
+            reward rising (measured 0.13 -> 0.22-0.33), held-out arithmetic above DPO's (0.27 vs 0.22), groups
+            without signal 0.43-0.58 of a step's (0.18-0.48 from a DPO that solved 0.27; with 8 samples they
+            reached 0.55; lr 1e-4 dipped to 0.11 at step 15; with bare-result prompts at T=1, rollouts were right
+            8% of the time and 70-90% of groups had no signal).
+  Stories: the instruction data's reply continues the user's opener (a reply that retold it began with a training
+  opener for held-out ones); validity stays low at every stage (0.004-0.031: goals resolved that were never stated).
+  Not shown at this size (README, "Reading"): maj@k clearly above greedy on arithmetic (one deterministic
+  derivation per problem: the sampled answers' mode is greedy's answer, maj@16 0.59 vs greedy 0.61 on 256
+  problems), the reward model at 0.75.
+The tokenizer learns the pretraining mixture only (`data.tokenizer_sources`), so a later stage's data cannot move
+an earlier stage. The full variant keeps the same data at 300 people and 2-3x the steps (not re-tuned: its DPO, 200
+steps at 1e-4, may cost facts as the quick one did at 2e-4).
 """
 
 from llmstages import config as config_lib
