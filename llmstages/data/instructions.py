@@ -14,8 +14,9 @@ bios(n=bios_n, seed=bios_seed) with default pools: build instructions with the s
 instructions: records of format 'chat' (text = the rendered conversation; loss on assistant turns only).
 preferences: records of format 'pref': prompt = conversation up to and including `<|assistant|>`, completion
 (chosen) = " ANSWER<|end|>", rejected = " WRONG<|end|>", where WRONG states another value of the same attribute
-(of a person of the same QA group), a wrong sum, or the story's continuation with a goal left unresolved or a false bios fact.
-As LM documents, preferences read as prompt + chosen. meta holds kind, answer and (preferences) why the rejected one is wrong.
+(of a person of the same QA group), a wrong sum, or the story's continuation with a goal left unresolved or a
+false bios fact. As LM documents, preferences read as prompt + chosen. meta holds kind, answer and (preferences)
+why the rejected one is wrong.
 """
 
 from __future__ import annotations
