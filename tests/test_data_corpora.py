@@ -1,6 +1,7 @@
 """Tests of the world, arith, stories, instructions and preferences corpora and of tfds: sources."""
 
 import importlib.metadata
+import random
 import re
 
 import numpy as np
@@ -247,6 +248,18 @@ def test_preferences_chosen_right_rejected_wrong(data_dir, geo):
     # As LM documents, preferences are prompt (no loss) + chosen (loss).
     doc = sources.record_to_document(records[0])
     assert doc == [(records[0]["prompt"], False), (records[0]["completion"], True)]
+
+
+def test_wrong_bios_values_with_a_handful_of_people():
+    """With 4 people both QA-test people share a university: its wrong answer comes from the other group then."""
+    from llmstages.data import instructions
+    cfg = instructions.InstructionsConfig(name="x", bios_n=4)
+    people = [p for p in bios.make_people(bios.BiosConfig(name="x", n=4)) if p["group"] == "qa_test"]
+    assert len({p["university"] for p in people}) == 1
+    maker = instructions.TaskMaker(cfg, "held_out")
+    rng = random.Random(0)
+    tasks = [maker.make("bios", rng) for _ in range(200)]
+    assert {t.meta["attr"] for t in tasks} == set(bios.ATTRIBUTES) and all(t.wrong != t.answer for t in tasks)
 
 
 def test_tfds_catalog_source_with_mock_data(data_dir):

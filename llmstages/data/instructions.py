@@ -79,6 +79,7 @@ class TaskMaker:
     people = bios.make_people(bios.BiosConfig(name="instructions", n=cfg.bios_n, seed=cfg.bios_seed))
     group = "qa_train" if role == "train" else "qa_test"
     self.people = [p for p in people if p["group"] == group]
+    self.both_groups = [p for p in people if p["group"] in ("qa_train", "qa_test")]
     self.story_people = stories.bios_people(cfg.bios_n, cfg.bios_seed)
     # Relation first, then a fact of it: cities would otherwise dominate the country facts.
     self.world_items: dict[str, list[tuple[str, str]]] = {}
@@ -94,9 +95,15 @@ class TaskMaker:
   def _bios(self, rng):
     person = rng.choice(self.people)
     attr = rng.choice(bios.ATTRIBUTES)
+    # Another person's value from the same group, so that no value says which group it came from; a group whose
+    # people all share this value (a handful of people) borrows from the other group.
+    pool = self.people if any(p[attr] != person[attr] for p in self.people) else self.both_groups
+    if all(p[attr] == person[attr] for p in pool):
+      raise ValueError(f"instructions: every bios person has {attr}={person[attr]!r}; a wrong answer needs another "
+                       f"value (bios_n={self.cfg.bios_n} is too small)")
     wrong = person[attr]
-    while wrong == person[attr]:  # Another person of the same group: no value says which group it came from.
-      wrong = rng.choice(self.people)[attr]
+    while wrong == person[attr]:
+      wrong = rng.choice(pool)[attr]
     return Task("bios", bios.QUESTIONS[attr].format(name=person["name"]), person[attr], wrong,
                 f"wrong {attr}", {"person": person["id"], "attr": attr})
 
