@@ -64,11 +64,12 @@ def test_greedy_is_argmax_is_top_k_1_and_matches_no_cache(params):
   np.testing.assert_array_equal(greedy.tokens, np.asarray(ref))
 
 
-@pytest.mark.parametrize("prompt_len,new_tokens", [(16, 128), (6, 80), (64, 32), (100, 300), (200, 1)])
+@pytest.mark.parametrize("prompt_len,new_tokens", [(16, 128), (6, 290), (64, 32), (100, 900), (300, 1)])
 def test_cache_segments_grow_by_doubling_and_hold_every_step(prompt_len, new_tokens):
   segments = cache_segments(prompt_len, new_tokens)
   slots = [s for s, _ in segments]
-  assert slots[-1] == prompt_len + new_tokens and slots[0] >= min(64, prompt_len + new_tokens)
+  assert slots[-1] == prompt_len + new_tokens and slots[0] >= min(256, prompt_len + new_tokens)
+  assert len(segments) > 1 or prompt_len + new_tokens <= 256 or prompt_len >= 256
   assert all(b == min(2 * a, prompt_len + new_tokens) for a, b in zip(slots, slots[1:]))
   first = 0
   for slots_j, last in segments:  # Step i writes slot prompt_len + i: it needs prompt_len + i + 1 slots.
@@ -78,12 +79,12 @@ def test_cache_segments_grow_by_doubling_and_hold_every_step(prompt_len, new_tok
 
 
 def test_decoding_across_cache_segments_matches_no_cache():
-  cfg = tiny(vocab_size=64, max_seq_len=160)
+  cfg = tiny(vocab_size=64, max_seq_len=320)
   params = init_params(cfg, seed=3)
   prompts = _prompts((6, 6), seed=1)
-  assert len(cache_segments(6, 90)) == 2  # 64 slots, then 96.
-  greedy = Sampler(cfg, eos_id=-1, pad_id=PAD).generate(params, prompts, max_new_tokens=90)
-  ref = generate_without_cache(params, jnp.asarray(np.array(prompts, np.int32)), model=Decoder(cfg), new_tokens=90)
+  assert cache_segments(6, 290) == [(256, 250), (296, 290)]
+  greedy = Sampler(cfg, eos_id=-1, pad_id=PAD).generate(params, prompts, max_new_tokens=290)
+  ref = generate_without_cache(params, jnp.asarray(np.array(prompts, np.int32)), model=Decoder(cfg), new_tokens=290)
   np.testing.assert_array_equal(greedy.tokens, np.asarray(ref))
   full = np.asarray(Decoder(cfg).apply({"params": params}, np.concatenate([prompts, greedy.tokens], 1)).logits)
   want = np.take_along_axis(jax.nn.log_softmax(full[:, 5:-1]), greedy.tokens[..., None], -1)[..., 0]
