@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from llmstages import data, registry, rewards
-from llmstages.data import arith, bios, chat, corpus, sources, stories, world
+from llmstages.data import arith, bios, chat, corpus, instructions, sources, stories, world
 from llmstages.stages import rollout
 
 WORLD = "world(n_cities=300)"
@@ -167,6 +167,22 @@ def test_story_checker_rejects_broken_stories():
                                    people)
     assert not stories.check_story(story + " Then the moon exploded.", people)
     assert not stories.check_story("Pip wanted to build a boat. In the end, Pip built a sturdy boat.", people)
+
+
+def test_a_story_fact_nobody_else_has_wrong_leaves_a_goal_open_instead():
+    """With one person there is no other value to swap in: the broken story drops its resolution (it hung, drawing
+    a different value forever)."""
+    person = stories.bios_people(200, 0)[3]
+    story = (f"Once upon a time, there was {person['name']} who lived in a sunny island. "
+             f"{person['name']} was born in {person['birth_city']}. "
+             f"{person['name']} wanted to build a boat. But a storm blew in from the west. "
+             f"So {person['name']} tried again and again. In the end, {person['name']} built a sturdy boat. The end.")
+    broken, why = instructions._break_story(story, random.Random(0), (person,))
+    assert why == "unresolved goal" and "built a sturdy boat" not in broken
+    assert person["birth_city"] in broken
+    other = dict(person, birth_city="Atlantis")
+    broken, why = instructions._break_story(story, random.Random(0), (person, other))
+    assert why == "false bios fact" and "born in Atlantis" in broken
 
 
 def test_instructions_chat_loss_on_assistant_turns_only(data_dir):

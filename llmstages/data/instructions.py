@@ -155,6 +155,8 @@ def _break_story(story: str, rng: random.Random, people) -> tuple[str, str]:
     readings = bios.parse_sentence(s) if i > 0 else []
     if readings and readings[0]["name"] in by_name:
       attr, value = readings[0]["attr"], readings[0]["value"]
+      if all(p[attr] == value for p in people):
+        continue  # Nobody has another value (a handful of people): another sentence, or a goal left open.
       wrong = value
       while wrong == value:
         wrong = rng.choice(people)[attr]
