@@ -44,8 +44,10 @@ setuptools.setup(
         # driver for postgresql:// URLs is psycopg 3).
         # openai, httpx: tests/test_serve.py drives the server with the official client and sends raw requests.
         # papermill, nbclient, ipykernel: tests/test_colab.py executes the colab/ notebooks in a Jupyter kernel.
+        # pytest-xdist: the README's test command runs the suite in two worker processes, one per core (14 against
+        # ~19 minutes on this 2-core machine: compiling and the subprocess tests leave a lone process on one core).
         # torch pinned: an unpinned torch resolves to a multi-GB CUDA build on the CI machines; 2.13.0 is the CPU one.
-        "test": ["pytest>=8", "torch==2.13.0", "nltk", "psycopg[binary]>=3.1", "openai>=1.0", "httpx",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "nltk", "psycopg[binary]>=3.1", "openai>=1.0", "httpx",
                  "fastapi>=0.110", "uvicorn>=0.29", "papermill>=2.6", "nbclient>=0.10", "ipykernel>=6.29",
                  # tests/test_hf.py, tests/test_lora.py: parity with transformers' Llama and peft's LoRA.
                  "transformers>=4.45", "peft>=0.13"],

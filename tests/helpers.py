@@ -1,9 +1,12 @@
-"""Shared test fixtures: tiny models, synthetic batches, one-device meshes."""
+"""Shared test fixtures: tiny models, synthetic batches, one-device meshes, and results made once per test session
+even when pytest-xdist runs the suite in several worker processes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -15,6 +18,30 @@ from llmstages.model import Decoder, ModelConfig, RegSites
 
 TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=48,
                    max_seq_len=64)
+
+
+@contextlib.contextmanager
+def made_once(tmp_path_factory, name: str):
+  """Yields (directory, done): `done` is False for the first process of the test session to get here, which must
+  fill `directory` (and does so holding a lock); the others wait for it, then get True and only read.
+
+  Under pytest-xdist every worker has its own base temp (`.../popen-gwN`) inside one shared root, so the expensive
+  session fixtures (the killed-and-resumed smoke sweep, the chat-tuned model) are made once, not once per worker.
+  """
+  import filelock
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  directory, marker = pathlib.Path(root) / name, pathlib.Path(root) / f"{name}.done"
+  with filelock.FileLock(str(pathlib.Path(root) / f"{name}.lock")):
+    done = marker.exists()
+    if not done:
+      import shutil
+      shutil.rmtree(directory, ignore_errors=True)
+      directory.mkdir(parents=True)
+    yield directory, done
+    if not done:
+      marker.touch()
 
 
 def one_device_env() -> dict:

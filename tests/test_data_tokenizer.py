@@ -87,7 +87,7 @@ def test_errors(data_dir):
 
 def test_a_workdir_keeps_the_tokenizer_its_stages_were_trained_with(chat_run, tmp_path):
     """The pipeline pins its tokenizer in the workdir; later readers of the workdir use that copy even where the
-    data directory would give another one (multi-threaded SentencePiece training is not bit-reproducible)."""
+    data directory would give another one (a data directory rebuilt from other sources or on another version)."""
     c, workdir, _, _ = chat_run
     pinned = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(workdir, "tokenizer")) for f in files]
     assert [os.path.basename(p) for p in pinned] == ["spm.model"]

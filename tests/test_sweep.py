@@ -18,7 +18,7 @@ import time
 import pytest
 
 from llmstages import experiments
-from tests.helpers import one_device_env
+from tests.helpers import made_once, one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "dropout_vs_facts:smoke"
@@ -81,13 +81,14 @@ def smoke_sweep(tmp_path_factory) -> tuple[str, dict]:
 
   Made once per test session (test_compare.py reads the same finished sweep); returns (workdir, record).
   """
-  base = tmp_path_factory.getbasetemp() / "smoke_sweep"
-  record_path = base / "record.json"
-  if record_path.exists():
-    return str(base / "sweep"), json.loads(record_path.read_text())
-  shutil.rmtree(base, ignore_errors=True)
-  workdir, cache = base / "sweep", tmp_path_factory.getbasetemp() / "jax_cache"
-  base.mkdir(parents=True)
+  with made_once(tmp_path_factory, "smoke_sweep") as (base, done):
+    if not done:
+      _make_smoke_sweep(base, tmp_path_factory.getbasetemp() / "jax_cache")
+  return str(base / "sweep"), json.loads((base / "record.json").read_text())
+
+
+def _make_smoke_sweep(base, cache):
+  workdir, record_path = base / "sweep", base / "record.json"
   runs = {r.hash: r for r in experiments.load(SMOKE).runs()}
   proc = subprocess.Popen(sweep_cmd(workdir, cache, "--workers=2"), env=_env(), cwd=ROOT, start_new_session=True,
                           stdout=open(base / "first.log", "w"), stderr=subprocess.STDOUT)
@@ -115,7 +116,6 @@ def smoke_sweep(tmp_path_factory) -> tuple[str, dict]:
   record = {"finished_before_kill": finished, "mid_run_at_kill": mid, "mtimes": mtimes, "orphans": orphans,
             "returncode": second.returncode, "log": second.stdout + second.stderr}
   record_path.write_text(json.dumps(record))
-  return str(workdir), record
 
 
 # ---------------------------------------------------------------------------------------------------------------
