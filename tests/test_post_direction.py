@@ -5,6 +5,7 @@ each rollout; a bad preference record names the stage and item. (Identities and 
 import json
 import math
 import random
+import types
 
 import numpy as np
 import pytest
@@ -121,6 +122,18 @@ def test_grpo_raises_arithmetic_reward_above_its_sft_start(direction_run):
   start, end = _stage_eval(cfg, workdir, "grpo", "sft"), _stage_eval(cfg, workdir, "grpo", "grpo")
   assert end["eval/reward"] > start["eval/reward"] + 0.1, (start["eval/reward"], end["eval/reward"])
   assert 0.0 <= read_metrics(workdir, "grpo", "train/frac_zero_std")[60] <= 1.0
+  assert end["eval/prompts"] == 4 * 64 // 8  # eval_steps x prompts a step: the n of every held-out RL figure.
+
+
+def test_stage_figures_count_what_is_independent():
+  """n of the `stage` evaluator: held-out prompts for an RL stage (not the tokens its loss averages), pairs for a
+  preference stage."""
+  from llmstages.evals import loss as eval_loss
+  rl = types.SimpleNamespace(stage_loss=lambda: {"eval/loss": 0.01, "eval/count": 4111.0, "eval/reward": 0.25,
+                                                 "eval/frac_zero_std": 0.5, "eval/prompts": 6.0})
+  assert {k: m.n for k, m in eval_loss.stage_metrics(rl).items()} == {"loss": 6, "reward": 6, "frac_zero_std": 6}
+  pairs = types.SimpleNamespace(stage_loss=lambda: {"eval/loss": 0.6, "eval/accuracy": 0.6, "eval/count": 256.0})
+  assert {k: m.n for k, m in eval_loss.stage_metrics(pairs).items()} == {"loss": 256, "accuracy": 256}
 
 
 def test_ppo_raises_the_reward_model_score(direction_run):

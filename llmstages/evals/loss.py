@@ -3,7 +3,8 @@
 - `perplexity`: held-out next-token loss, perplexity and accuracy of the language model on `eval.perplexity_data`
   (validation split), or on the stage's own held-out mixture when that is empty (next-token stages only).
 - `stage`: the stage's own held-out metrics (its loss on `eval_steps` validation batches): preference accuracy and
-  margin of a reward model or DPO policy, mean reward of RL rollouts, next-token loss otherwise.
+  margin of a reward model or DPO policy (n: pairs), mean reward of RL rollouts (n: held-out prompts, the
+  independent samples; a prompt's G rollouts and their tokens are not), next-token loss otherwise (n: tokens).
 """
 
 from __future__ import annotations
@@ -27,5 +28,6 @@ def perplexity(ctx: EvalContext) -> dict:
 @register("stage")
 def stage_metrics(ctx: EvalContext) -> dict:
   scalars = dict(ctx.stage_loss())
-  n = int(scalars.pop("eval/count", scalars.pop("eval/tokens", 0)))
+  count = scalars.pop("eval/count", scalars.pop("eval/tokens", 0))
+  n = int(scalars.pop("eval/prompts", count))
   return {key.split("/", 1)[1]: Metric(value, n) for key, value in scalars.items()}

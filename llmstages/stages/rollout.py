@@ -279,7 +279,8 @@ class RolloutStage(Stage):
         num_samples=cfg.num_generations, seed=_seed(ctx.config.seed, ctx.name, split, step))
     rows, replies = rows_from_samples(samples, ids, cfg.batch_size, cfg.seq_len, tok)
     ended = samples.tokens[np.arange(cfg.batch_size), samples.lengths - 1] == tok.eos_id
-    stats = {"completion_length": float(samples.lengths.mean()), "eos_fraction": float(ended.mean())}
+    stats = {"completion_length": float(samples.lengths.mean()), "eos_fraction": float(ended.mean()),
+             "prompts": len(prompts)}  # Summed, not averaged, over steps (train.mean_metrics).
     return rows, replies, samples.prompt_index, stats
 
   def logprob_passes(self, ctx, params, tokens: TokenBatch) -> dict:

@@ -59,7 +59,8 @@ class _StopRequested:
 def mean_metrics(sums: list[dict[str, np.ndarray]], prefix: str,
                  host: list[dict[str, float]] = ()) -> dict[str, float]:
   """Means of a window of steps: metric sums over summed counts (see `Stage`); `host` metrics (already means,
-  one dict per step, e.g. rollout rewards) are averaged over steps."""
+  one dict per step, e.g. rollout rewards) are averaged over steps, except `prompts` (an RL step's prompt count),
+  which is summed: `<prefix>/prompts` is how many prompts the window's rollouts answered."""
   total = {k: float(sum(np.asarray(m[k], np.float64) for m in sums)) for k in sums[0]}
   count = max(total.pop("count"), 1.0)
   out = {f"{prefix}/loss": total.pop("loss_sum") / count}
@@ -74,7 +75,7 @@ def mean_metrics(sums: list[dict[str, np.ndarray]], prefix: str,
   for k in sorted({k for h in host for k in h}):
     values = [h[k] for h in host if k in h and math.isfinite(h[k])]
     if values:
-      out[f"{prefix}/{k}"] = float(np.mean(values))
+      out[f"{prefix}/{k}"] = float(np.sum(values) if k == "prompts" else np.mean(values))
   return out
 
 
