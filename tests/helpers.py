@@ -44,6 +44,14 @@ def made_once(tmp_path_factory, name: str):
       marker.touch()
 
 
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that was free a moment ago (for a server or a jax.distributed coordinator)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def one_device_env() -> dict:
   """os.environ for a process that sees one CPU device, as a plain machine has: the XLA flags without conftest's
   8-device count, the others (the tests' optimization level) kept."""

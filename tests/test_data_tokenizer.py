@@ -4,7 +4,6 @@ import hashlib
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 
 from llmstages import data, inputs, load
 from tests.conftest import write_chat_file
-from tests.helpers import one_device_env
+from tests.helpers import free_port, one_device_env
 
 BIOS = "bios(n=40,n_first=20,n_middle=20,n_last=30)"
 
@@ -121,9 +120,7 @@ def test_every_process_tokenizes_with_process_zeros_tokenizer(data_dir, tok, tmp
     paths = [str(tmp_path / f"{i}.model") for i in range(2)]
     tok.save(paths[0])
     other.save(paths[1])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", TWO_HOSTS, f"127.0.0.1:{port}", str(i), paths[i]],
                               env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]

@@ -3,7 +3,6 @@
 
 import concurrent.futures
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
 ASK = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "What is 2 + 3?"}]
@@ -19,17 +20,11 @@ ASK = [{"role": "system", "content": "You add numbers."}, {"role": "user", "cont
 PROMPT = "<|system|> You add numbers.<|end|><|user|> What is 2 + 3?<|end|><|assistant|>"
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(chat_run, tmp_path_factory):
   """(base URL, log path) of a server process; always stopped at the end."""
   _, workdir, _, _ = chat_run
-  port = _free_port()
+  port = free_port()
   log = tmp_path_factory.mktemp("serve") / "server.log"
   with open(log, "w") as out:
     proc = subprocess.Popen([sys.executable, "-m", "llmstages.serve", f"--workdir={workdir}", "--stage=instruct",

@@ -9,7 +9,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import time
 import pytest
 
 from llmstages import experiments
-from tests.helpers import made_once, one_device_env
+from tests.helpers import free_port, made_once, one_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "dropout_vs_facts:smoke"
@@ -270,12 +269,6 @@ def _postgres_bin() -> str:
   pytest.fail("PostgreSQL is not installed (initdb not found); .ci/run installs it: apt-get install -y postgresql")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def postgres_server():
   """A throwaway PostgreSQL server on 127.0.0.1; yields its URL. As root it runs as the `postgres` user."""
@@ -289,7 +282,7 @@ def postgres_server():
       pw = pwd.getpwnam("nobody")
     os.chown(root, pw.pw_uid, pw.pw_gid)
     as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-  data, log, port = os.path.join(root, "data"), os.path.join(root, "server.log"), _free_port()
+  data, log, port = os.path.join(root, "data"), os.path.join(root, "server.log"), free_port()
   env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "HOME": root}
 
   def pg(*args, **kw):

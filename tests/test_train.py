@@ -14,7 +14,7 @@ import pytest
 from llmstages import partitioning, pipeline, train
 from llmstages import workdir as workdir_lib
 from llmstages.inputs import TokenBatch
-from tests.helpers import load_config, one_device_env, one_device_mesh, packed_batch, read_metrics
+from tests.helpers import free_port, load_config, one_device_env, one_device_mesh, packed_batch, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,13 +218,6 @@ def test_bad_config_values_are_named(data_dir, tmp_path):
       pipeline.run(smoke(data_dir, **overrides), str(tmp_path))
 
 
-def _free_port():
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_equal_one_device(data_dir, tmp_path):
   """jax.distributed on 127.0.0.1: 2 processes x 2 CPU devices, mesh data=2 fsdp=2, vs one device.
 
@@ -235,7 +228,7 @@ def test_two_processes_equal_one_device(data_dir, tmp_path):
            "--config.pretrain.evals=('perplexity','bios_facts')")
   one = _run_cli(tmp_path / "one", *steps)
   assert one.returncode == 0, one.stderr[-3000:]
-  port = _free_port()
+  port = free_port()
   procs = []
   for i in range(2):
     cmd, env = _cli(tmp_path / "two", *steps, "--config.mesh.data=2", "--config.mesh.fsdp=2",
