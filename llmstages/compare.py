@@ -275,6 +275,19 @@ def _trajectory_plot(plt, report: dict, color: dict):
   return fig
 
 
+def _interval_width(report: dict) -> str:
+  """How wide an interval is at the seed count of most cells (finished seeds: a cell's `n`)."""
+  counts = [cell["n"] for stage in report["table"].values() for setting in stage.values() for cell in setting.values()]
+  if not counts:
+    return ""
+  n = max(set(counts), key=counts.count)
+  if n < 2:
+    return f"With {n} seed there is no interval."
+  from scipy import stats as scipy_stats
+  t = float(scipy_stats.t.ppf(1.0 - ALPHA / 2.0, n - 1))
+  return f"With {n} seeds (most cells) an interval is the mean +- {t:.2f} standard errors."
+
+
 def render(report: dict, command: str, plots: tuple[str, str]) -> str:
   stages, metrics, baseline, settings = report["stages"], report["metrics"], report["baseline"], report["settings"]
   finished = report["planned_runs"] - len(report["unfinished"])
@@ -287,7 +300,7 @@ def render(report: dict, command: str, plots: tuple[str, str]) -> str:
       f"- Each cell: mean over seeds [{1 - ALPHA:.0%} Student-t interval over seeds]. Paired differences: setting "
       f"minus the baseline `{baseline}` on the same seeds, with the {report['procedure']}; * marks an interval "
       f"that excludes 0 with at least {MIN_SEEDS_FOR_CLAIM} seeds (a {ALPHA:.0%} false-claim rate per cell when "
-      f"the two settings do not differ). With 3 seeds the interval is wide: t = 4.30 standard errors.",
+      f"the two settings do not differ). {_interval_width(report)}",
   ]
   if report["unfinished"]:
     lines += ["", "Unfinished runs (not in the numbers):", ""]

@@ -71,6 +71,7 @@ def test_report_numbers_are_seed_means_and_paired_differences(tmp_path):
   assert "python -m llmstages.compare X" in text and "testhost" in text and "6 of 7 planned runs finished" in text
   assert "b seed 9: runs/unfinished" in text and "+0.2 [0.2, 0.2] *" in text
   assert "paired t-interval over seeds, 95%" in text and out["summary"]["procedure"] in text
+  assert "With 3 seeds (most cells) an interval is the mean +- 4.30 standard errors." in text  # t_{0.975, 2}.
   for key in ("pareto", "trajectory"):
     with open(out["paths"][key], "rb") as f:
       assert f.read(8) == PNG
