@@ -283,8 +283,7 @@ def _interval_width(report: dict) -> str:
   n = max(set(counts), key=counts.count)
   if n < 2:
     return f"With {n} seed there is no interval."
-  from scipy import stats as scipy_stats
-  t = float(scipy_stats.t.ppf(1.0 - ALPHA / 2.0, n - 1))
+  t = eval_metrics.t_quantile(n, ALPHA)
   return f"With {n} seeds (most cells) an interval is the mean +- {t:.2f} standard errors."
 
 

@@ -51,6 +51,11 @@ def paired_bootstrap_diff(a: Any, b: Any, stat: Callable[[np.ndarray], Any] = np
   return float(stat(a) - stat(b)), float(lo), float(hi)
 
 
+def t_quantile(n: int, alpha: float = 0.05) -> float:
+  """t_{1 - alpha/2, n-1}: a Student-t interval of n values is their mean -+ this many standard errors."""
+  return float(scipy_stats.t.ppf(1.0 - alpha / 2.0, n - 1))
+
+
 def t_interval(values: Any, alpha: float = 0.05) -> tuple[float, float, float]:
   """(mean, lo, hi): the Student-t 1 - alpha interval for the mean of independent values (e.g. one per seed),
   mean -+ t_{1 - alpha/2, n-1} * sd / sqrt(n) with the sample sd (ddof=1).
@@ -67,7 +72,7 @@ def t_interval(values: Any, alpha: float = 0.05) -> tuple[float, float, float]:
   mean = float(np.mean(x))
   if len(x) < 2:
     return mean, math.nan, math.nan
-  half = float(scipy_stats.t.ppf(1.0 - alpha / 2.0, len(x) - 1)) * float(np.std(x, ddof=1)) / math.sqrt(len(x))
+  half = t_quantile(len(x), alpha) * float(np.std(x, ddof=1)) / math.sqrt(len(x))
   return mean, mean - half, mean + half
 
 

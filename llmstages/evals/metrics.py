@@ -5,7 +5,7 @@ Owns the formulas docs/RESEARCH.md names, each with its source in its docstring:
   `llmstages.text`, shared with the rewards, and are re-exported here);
 - diversity: `distinct_n`, `ead`, `ead_avg`, `sentence_bleu`, `self_bleu`, `ngram_entropy`, `token_entropy`,
   `build_ngram_set`, `novelty`, `whole_output_novelty`, `validity_rate`, `effective_diversity`;
-- reporting: `bootstrap_ci`, `paired_bootstrap_diff` (over prompts); `t_interval`, `paired_t_diff` (over seeds),
+- reporting: `bootstrap_ci`, `paired_bootstrap_diff` (over prompts); `t_interval`, `t_quantile`, `paired_t_diff` (over seeds),
   which live in `llmstages.evals.intervals` and are re-exported here.
 
 Texts. A diversity metric takes a list of texts; each is either a string, split on whitespace, or an already
@@ -26,7 +26,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 import numpy as np
 
 from llmstages.evals.intervals import (bootstrap_ci, paired_bootstrap_diff, paired_t_diff,  # noqa: F401  (re-exported)
-                                      t_interval)
+                                      t_interval, t_quantile)
 from llmstages.text import exact_match, majority_vote, normalize_answer  # noqa: F401  (re-exported)
 
 Text = str | Sequence[Hashable]
