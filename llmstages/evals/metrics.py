@@ -5,8 +5,8 @@ Owns the formulas docs/RESEARCH.md names, each with its source in its docstring:
   `llmstages.text`, shared with the rewards, and are re-exported here);
 - diversity: `distinct_n`, `ead`, `ead_avg`, `sentence_bleu`, `self_bleu`, `ngram_entropy`, `token_entropy`,
   `build_ngram_set`, `novelty`, `whole_output_novelty`, `validity_rate`, `effective_diversity`;
-- reporting: `bootstrap_ci`, `paired_bootstrap_diff` (over prompts); `t_interval`, `t_quantile`, `paired_t_diff` (over seeds),
-  which live in `llmstages.evals.intervals` and are re-exported here.
+- reporting: `bootstrap_ci`, `paired_bootstrap_diff` (over prompts); `t_interval`, `t_quantile`, `paired_t_diff`
+  (over seeds), which live in `llmstages.evals.intervals` and are re-exported here.
 
 Texts. A diversity metric takes a list of texts; each is either a string, split on whitespace, or an already
 tokenized sequence (strings or token ids), used as is. Compare settings only under the same tokenization. N-grams
