@@ -140,7 +140,7 @@ def build(opts: set[str], people: int | None = None):
     c.grpo.eval_steps = 11
     for name in ("reward", "dpo", "grpo"):
       # No in-loop eval at the last step: the `stage` evaluator scores the same held-out batches with the same
-      # final parameters (it was done twice; 11 GRPO rollout steps take ~15 s).
+      # final parameters (it was done twice; GRPO's 10 more held-out rollout steps add ~15 s).
       c[name].eval_every = 0
     if not smoke:
       # LoRA (rank 16) at lr 3e-3: the zero-initialized head learns fast while the decoder moves little. Held-out
