@@ -7,7 +7,10 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import shutil
+import socket
 
+import filelock
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,7 +31,6 @@ def made_once(tmp_path_factory, name: str):
   Under pytest-xdist every worker has its own base temp (`.../popen-gwN`) inside one shared root, so the expensive
   session fixtures (the killed-and-resumed smoke sweep, the chat-tuned model) are made once, not once per worker.
   """
-  import filelock
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent
@@ -36,7 +38,6 @@ def made_once(tmp_path_factory, name: str):
   with filelock.FileLock(str(pathlib.Path(root) / f"{name}.lock")):
     done = marker.exists()
     if not done:
-      import shutil
       shutil.rmtree(directory, ignore_errors=True)
       directory.mkdir(parents=True)
     yield directory, done
@@ -46,7 +47,6 @@ def made_once(tmp_path_factory, name: str):
 
 def free_port() -> int:
   """A TCP port on 127.0.0.1 that was free a moment ago (for a server or a jax.distributed coordinator)."""
-  import socket
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
