@@ -68,8 +68,8 @@ def test_greedy_is_argmax_is_top_k_1_and_matches_no_cache(params):
 def test_cache_segments_grow_by_doubling_and_hold_every_step(prompt_len, new_tokens):
   segments = cache_segments(prompt_len, new_tokens)
   slots = [s for s, _ in segments]
-  assert slots[-1] == prompt_len + new_tokens and slots[0] >= min(256, prompt_len + new_tokens)
-  assert len(segments) > 1 or prompt_len + new_tokens <= 256 or prompt_len >= 256
+  assert slots[-1] == prompt_len + new_tokens and slots[0] >= min(64, prompt_len + new_tokens)
+  assert len(segments) > 1 or prompt_len + new_tokens <= 64 or prompt_len >= 64
   assert all(b == min(2 * a, prompt_len + new_tokens) for a, b in zip(slots, slots[1:]))
   first = 0
   for slots_j, last in segments:  # Step i writes slot prompt_len + i: it needs prompt_len + i + 1 slots.
@@ -82,7 +82,8 @@ def test_decoding_across_cache_segments_matches_no_cache():
   cfg = tiny(vocab_size=64, max_seq_len=320)
   params = init_params(cfg, seed=3)
   prompts = _prompts((6, 6), seed=1)
-  assert cache_segments(16, 290) == [(256, 240), (306, 290)]  # The 6-token prompts are left-padded to 16.
+  # The 6-token prompts are left-padded to 16; step i writes slot 16 + i.
+  assert cache_segments(16, 290) == [(64, 48), (128, 112), (256, 240), (306, 290)]
   greedy = Sampler(cfg, eos_id=-1, pad_id=PAD).generate(params, prompts, max_new_tokens=290)
   ref = generate_without_cache(params, jnp.asarray(np.array(prompts, np.int32)), model=Decoder(cfg), new_tokens=290)
   np.testing.assert_array_equal(greedy.tokens, np.asarray(ref))
