@@ -1,17 +1,18 @@
 r"""Knowledge augmentation and extraction: biographies in one fixed form vs rewritten and reordered at every exposure.
 
-  python -m llmstages.sweep --experiment=augmentation_extraction --workdir=/tmp/sweeps/augmentation_extraction
+  python -m llmstages.sweep --experiment=augmentation_extraction --workdir=/tmp/sweeps/augmentation_extraction \
+      --workers=2
   python -m llmstages.compare /tmp/sweeps/augmentation_extraction --out=experiments/results/augmentation_extraction.md
 
-After Physics of LMs 3.1: pretrain the configs/quickstart.py model (0.9M parameters) on biographies of 50 people
-(`simple`: one fixed biography per person; `multi_permute`: five biographies per person, each with a fresh template
-per attribute and a shuffled sentence order), 85% of the tokens, mixed with 15% stories, for 300 steps (about 80
-exposures per person); then fine-tune (the 'cpt' stage, 100 steps, no replay) on QA pairs about the QA-train half of
-the people. Memorization is exact match on a person's own training biography cut before the value; extraction is QA
-accuracy on the other half, the QA-test people, whose facts were only ever seen in biographies
+After Physics of LMs 3.1: pretrain the configs/quickstart.py model (0.9M parameters) for the quickstart's 500 steps of
+8 x 256 tokens on biographies of its 64 people (`simple`: one fixed biography per person; `multi_permute`: five
+biographies per person, each with a fresh template per attribute and a shuffled sentence order), 85% of the tokens,
+mixed with 15% stories, without the quickstart's QA in pretraining (the paper's setting: QA is seen only after
+pretraining); then fine-tune (the 'cpt' stage, the quickstart's 60 steps, no replay) on QA pairs about the QA-train
+half of the people. Memorization is exact match on a person's own training biography cut before the value;
+extraction is QA accuracy on the other half, the QA-test people, whose facts were only ever seen in biographies
 (`bios_facts/qa_test/greedy`). Both settings share one tokenizer (trained on both formats). 2 settings x 5 seeds =
-10 runs, about 4 worker-minutes each on the 2-core CPU (the shipped report ran 3 seeds, before the default became
-5). Paper, at GPT-2 scale: 9.7% (simple) vs 96.6% (multi5+permute).
+10 runs. Paper, at GPT-2 scale: 9.7% (simple) vs 96.6% (multi5+permute).
 
 `:smoke` runs both formats x 2 seeds of the quickstart smoke model in seconds each.
 """
@@ -40,8 +41,7 @@ def _opts(arg: str) -> set[str]:
   return opts
 
 
-PEOPLE = 50
-PRETRAIN_STEPS = 300
+PEOPLE = 64  # The quickstart's population.
 
 
 def _people(smoke: bool) -> str:
@@ -64,8 +64,6 @@ def format_overrides(fmt: str, smoke: bool) -> dict:
 def get_config(arg: str = ""):
   smoke = "smoke" in _opts(arg)
   c = quickstart.get_config("smoke" if smoke else f"people={PEOPLE}")
-  if not smoke:
-    c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
   c.stages = ("pretrain", "cpt")  # quickstart.py may run later stages too; 'cpt' here is the QA fine-tuning.
   for key, value in format_overrides(FORMATS[0], smoke).items():
     experiments.set_key(c, key, value)
