@@ -138,10 +138,6 @@ def build(opts: set[str], people: int | None = None):
       c[name].eval_steps = 32  # The 256 held-out pairs that fit in 256 tokens (64 left DPO +-0.11 around its floor).
     # GRPO's held-out rollout reward on 66 prompts (11 steps of 6 prompts x 16 samples), not 6.
     c.grpo.eval_steps = 11
-    for name in ("reward", "dpo", "grpo"):
-      # No in-loop eval at the last step: the `stage` evaluator scores the same held-out batches with the same
-      # final parameters (it was done twice; GRPO's 10 more held-out rollout steps add ~15 s).
-      c[name].eval_every = 0
     if not smoke:
       # LoRA (rank 16) at lr 3e-3: the zero-initialized head learns fast while the decoder moves little. Held-out
       # (296 pairs): 0.63, full fine-tuning 0.55 at lr 3e-4, 0.52 at 1e-3 (64 pairs), and 160 steps lowered both

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from llmstages import data, evals, pipeline
+from llmstages import data, evals, pipeline, train
 from llmstages.evals import capacity, prompts
 from llmstages.text import answer_text
-from tests.helpers import load_config, one_device_env, one_device_mesh
+from tests.helpers import load_config, one_device_env, one_device_mesh, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIOS = "bios(n=8,format=multi_permute,n_new=4,n_unseen=4)"
@@ -79,6 +79,31 @@ def test_capacity_is_bounded_and_rises_with_training(runs):
     assert m["capacity/R"]["value"] <= m["capacity/R_max"]["value"]
   assert after["capacity/R"]["value"] > before["capacity/R"]["value"] + 0.01
   assert after["capacity/p2_nats"]["value"] < before["capacity/p2_nats"]["value"]
+
+
+def test_stage_evaluator_reuses_the_loops_evaluation_at_the_last_step(tmp_path, monkeypatch):
+  """The loop evaluates at its last step whenever eval_every > 0; the `stage` evaluator then takes those figures
+  instead of scoring the same batches with the same parameters again, and they equal what it would compute."""
+  c = load_config("quickstart.py", "smoke", **{"data.dir": str(tmp_path / "data"), "stages": ("pretrain",)})
+  c.pretrain.update(dict(steps=4, eval_every=4, checkpoint_every=4, batch_size=8, evals=("stage",)))
+  workdir = str(tmp_path / "run")
+  pipeline.run(c, workdir, mesh=one_device_mesh())
+  logged = read_metrics(workdir, "pretrain", "eval/loss")
+  with open(os.path.join(workdir, "pretrain", "eval.json")) as f:
+    written = json.load(f)["metrics"]
+  assert list(logged) == [4] and written["stage/loss"]["value"] == logged[4]
+  assert written["stage/loss"]["n"] == read_metrics(workdir, "pretrain", "eval/tokens")[4] > 0
+
+  def scored_again(*args, **kwargs):
+    raise AssertionError("the stage evaluator ran the held-out evaluation a second time")
+
+  with monkeypatch.context() as m:
+    m.setattr(train, "evaluate", scored_again)
+    assert evals.evaluate_stage(c, "pretrain", workdir, force=True)["metrics"] == written
+  os.remove(os.path.join(workdir, "pretrain", "metrics.jsonl"))  # No logged evaluation: computed, the same.
+  computed = evals.evaluate_stage(c, "pretrain", workdir, force=True)["metrics"]
+  np.testing.assert_allclose(computed["stage/loss"]["value"], written["stage/loss"]["value"], rtol=1e-6)
+  assert computed["stage/loss"]["n"] == written["stage/loss"]["n"]
 
 
 def test_eval_json_has_counts_and_intervals(runs):
