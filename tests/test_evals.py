@@ -248,11 +248,28 @@ def memorized(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("memorized"))
   pipeline.run(c, workdir, mesh=one_device_mesh())
   with open(os.path.join(workdir, "pretrain", "eval.json")) as f:
-    return c, json.load(f)["metrics"]
+    return c, json.load(f)["metrics"], workdir
+
+
+def test_memorization_generates_as_many_tokens_as_the_answer_takes(memorized, tmp_path):
+  """The answer is the rest of the training sentence ("Biology during his studies"), often longer than
+  `eval.max_new_tokens`: memorization is scored the same whatever that setting (at 2 tokens, which no answer fits,
+  the old evaluator scored 0)."""
+  c, _, workdir = memorized
+  shutil.copytree(os.path.join(workdir, "pretrain"), tmp_path / "pretrain")
+  shutil.copy(os.path.join(workdir, "config.json"), tmp_path / "config.json")
+  scores = {}
+  for new_tokens in (2, 16):
+    forced = c.copy_and_resolve_references()
+    forced.eval.max_new_tokens = new_tokens
+    forced.pretrain.evals = ("bios_facts",)
+    m = evals.evaluate_stage(forced, "pretrain", str(tmp_path), force=True)["metrics"]
+    scores[new_tokens] = {k: v["value"] for k, v in m.items() if k.startswith("bios_facts/memorization/")}
+  assert scores[2] == scores[16] and scores[16]["bios_facts/memorization/mean_greedy"] >= 0.75, scores
 
 
 def test_capacity_of_a_model_that_memorized_its_biographies_is_near_r_max(memorized):
-  _, m = memorized
+  _, m, _ = memorized
   assert m["capacity/renderings_per_person"]["value"] == 2
   assert m["capacity/p2_nats"]["value"] < 1.0  # Of about 33 nats of value information per person.
   assert m["capacity/R"]["value"] >= 0.9 * m["capacity/R_max"]["value"]
@@ -262,7 +279,7 @@ def test_capacity_of_a_model_that_memorized_its_biographies_is_near_r_max(memori
 def test_capacity_scores_the_value_and_name_tokens_of_each_training_biography(memorized):
   from llmstages import data, inputs
   from llmstages.data import bios
-  c, _ = memorized
+  c, _, _ = memorized
   info = data.source_info(TINY_BIOS, c.data.dir)
   tok = inputs.tokenizer_for(c)
   people = [p for p in info["facts"] if p["group"] in ("qa_train", "qa_test")]

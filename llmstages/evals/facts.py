@@ -29,9 +29,13 @@ def memorization(ctx: EvalContext, info: dict, people: list[dict], prefix: str =
   for attr in attrs:
     prompts = [pre[attr] for pre in prefixes]
     rests = [answer_text(full[len(pre):]) for full, pre in zip(texts, prompts)]
+    # As many new tokens as the longest answer takes, +2 (a token boundary that differs in context; the period):
+    # "Landscape Architecture during her studies" is 17 tokens of the quickstart's 1024-token vocabulary, and at
+    # `eval.max_new_tokens` (16) no model could get it right.
+    new = max(ctx.settings.max_new_tokens, max(len(ctx.encode_text(" " + r)) for r in rests) + 2)
     # A biography is continued as it was trained, in every prompt format.
-    out.update(score_prompts(ctx, prompts, matches(rests), f"{prefix}{attr}/", continuation=True,
-                             greedy_only=greedy_only))
+    out.update(score_prompts(ctx, prompts, matches(rests), f"{prefix}{attr}/", max_new_tokens=new,
+                             continuation=True, greedy_only=greedy_only))
   out[f"{prefix}mean_greedy"] = Metric.mean_of([out[f"{prefix}{a}/greedy"].value for a in attrs])
   return out
 
