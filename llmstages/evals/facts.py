@@ -30,7 +30,7 @@ def memorization(ctx: EvalContext, info: dict, people: list[dict], prefix: str =
     prompts = [pre[attr] for pre in prefixes]
     rests = [answer_text(full[len(pre):]) for full, pre in zip(texts, prompts)]
     # As many new tokens as the longest answer takes, +2 (a token boundary that differs in context; the period):
-    # "Landscape Architecture during her studies" is 17 tokens of the quickstart's 1024-token vocabulary, and at
+    # "Landscape Architecture during her studies" is 20 tokens of the quickstart's 1024-token vocabulary, and at
     # `eval.max_new_tokens` (16) no model could get it right.
     new = max(ctx.settings.max_new_tokens, max(len(ctx.encode_text(" " + r)) for r in rests) + 2)
     # A biography is continued as it was trained, in every prompt format.
