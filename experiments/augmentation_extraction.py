@@ -12,7 +12,7 @@ pretraining); then fine-tune (the 'cpt' stage, the quickstart's 60 steps, no rep
 half of the people. Memorization is exact match on a person's own training biography cut before the value;
 extraction is QA accuracy on the other half, the QA-test people, whose facts were only ever seen in biographies
 (`bios_facts/qa_test/greedy`). Both settings share one tokenizer (trained on both formats). 2 settings x 5 seeds =
-10 runs. Paper, at GPT-2 scale: 9.7% (simple) vs 96.6% (multi5+permute).
+10 runs: 19 minutes with 2 workers on the 2-core CPU (37 CPU-minutes). Paper, at GPT-2 scale: 9.7% (simple) vs 96.6% (multi5+permute).
 
 `:smoke` runs both formats x 2 seeds of the quickstart smoke model in seconds each.
 """

@@ -10,7 +10,7 @@ template) without CPT (pretrain -> sft -> instruct), no dropout anywhere, then d
 starting point) and `instruct` are evaluated (after instruct in the chat template). Prior evidence
 (docs/RESEARCH.md): T5 1.1 and PaLM pretrain without dropout and fine-tune with 0.1; the question here is whether
 late dropout keeps facts (QA exact match) or diversity (EAD) better than fine-tuning without it. 2 settings x 5
-seeds = 10 runs of three stages.
+seeds = 10 runs of three stages: 30 minutes with 2 workers on the 2-core CPU (50 CPU-minutes).
 
 `:smoke` runs both settings x 2 seeds of the quickstart smoke model.
 """
