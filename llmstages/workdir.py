@@ -5,6 +5,8 @@ the I/O that writes and reads them (what `init_from`, frozen models and the eval
     <workdir>/<stage>/final_head     a scalar head, if the stage has one (reward model, PPO value head)
     <workdir>/<stage>/final_lora     a LoRA stage's adapters and lora.json
     <workdir>/<stage>/final.json     the marker: the stage finished
+    <workdir>/<stage>/final_eval.json   the loop's held-out evaluation at the last step, with the stage block it
+                                        ran under (the `stage` evaluator reuses it only under the same block)
 """
 
 from __future__ import annotations
@@ -33,6 +35,29 @@ def final_head_dir(workdir: str, stage: str) -> str:
 
 def final_marker(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, "final.json")
+
+
+def save_final_eval(stage_directory: str, step: int, stage_config, scalars: dict[str, float]) -> None:
+  """The training loop's held-out `eval/` figures at its last step, with the stage's config block (process 0)."""
+  if jax.process_index() != 0:
+    return
+  record = {"step": int(step), "stage_config": json.loads(stage_config.to_json_best_effort(sort_keys=True)),
+            "metrics": {k: float(v) for k, v in scalars.items()}}
+  tmp = os.path.join(stage_directory, "final_eval.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(record, f, sort_keys=True)
+  os.replace(tmp, os.path.join(stage_directory, "final_eval.json"))
+
+
+def load_final_eval(stage_directory: str, step: int, stage_config) -> dict[str, float] | None:
+  """`save_final_eval`'s figures when they were made at `step` under this very stage block, else None."""
+  path = os.path.join(stage_directory, "final_eval.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  same = record.get("stage_config") == json.loads(stage_config.to_json_best_effort(sort_keys=True))
+  return record["metrics"] if same and record.get("step") == int(step) else None
 
 
 def stage_finished(workdir: str, stage: str) -> bool:

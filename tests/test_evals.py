@@ -83,7 +83,8 @@ def test_capacity_is_bounded_and_rises_with_training(runs):
 
 def test_stage_evaluator_reuses_the_loops_evaluation_at_the_last_step(tmp_path, monkeypatch):
   """The loop evaluates at its last step whenever eval_every > 0; the `stage` evaluator then takes those figures
-  instead of scoring the same batches with the same parameters again, and they equal what it would compute."""
+  instead of scoring the same batches with the same parameters again (they equal what it computes), but not
+  when the stage's config block has changed since (here `eval_steps`)."""
   c = load_config("quickstart.py", "smoke", **{"data.dir": str(tmp_path / "data"), "stages": ("pretrain",)})
   c.pretrain.update(dict(steps=4, eval_every=4, checkpoint_every=4, batch_size=8, evals=("stage",)))
   workdir = str(tmp_path / "run")
@@ -100,7 +101,11 @@ def test_stage_evaluator_reuses_the_loops_evaluation_at_the_last_step(tmp_path, 
   with monkeypatch.context() as m:
     m.setattr(train, "evaluate", scored_again)
     assert evals.evaluate_stage(c, "pretrain", workdir, force=True)["metrics"] == written
-  os.remove(os.path.join(workdir, "pretrain", "metrics.jsonl"))  # No logged evaluation: computed, the same.
+    changed = c.copy_and_resolve_references()
+    changed.pretrain.eval_steps = 1
+    with pytest.raises(AssertionError, match="a second time"):  # Other settings: computed, not reused.
+      evals.evaluate_stage(changed, "pretrain", workdir, force=True)
+  os.remove(os.path.join(workdir, "pretrain", "final_eval.json"))  # Nothing to reuse: computed, the same.
   computed = evals.evaluate_stage(c, "pretrain", workdir, force=True)["metrics"]
   np.testing.assert_allclose(computed["stage/loss"]["value"], written["stage/loss"]["value"], rtol=1e-6)
   assert computed["stage/loss"]["n"] == written["stage/loss"]["n"]

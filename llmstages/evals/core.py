@@ -158,11 +158,11 @@ def _lm_loss(stage: str, context, params, tokenizer, mixture, max_batches: int) 
 def _stage_loss(config, stage: str, workdir: str, tokenizer, context, params) -> dict[str, float]:
   """The stage's own held-out metrics (`train.evaluate`), with its frozen models (reference, reward model).
 
-  When the training loop evaluated at its last step (it does whenever `eval_every` > 0), it scored the same
-  held-out batches with the same final parameters: its logged figures are reused rather than computed twice (for
-  GRPO, `eval_steps` more batches of rollouts). Single-process only: in a multi-host run only process 0 writes the
-  log, and every process must take the same path."""
-  logged = train.logged_eval(workdir_lib.stage_dir(workdir, stage), int(config[stage].steps))
+  When the training loop evaluated at its last step (it does whenever `eval_every` > 0) under the same stage
+  block, it scored the same held-out batches with the same final parameters: its figures (`final_eval.json`) are
+  reused rather than computed twice (for GRPO, `eval_steps` more batches of rollouts). Single-process only: in a
+  multi-host run only process 0 writes them, and every process must take the same path."""
+  logged = workdir_lib.load_final_eval(workdir_lib.stage_dir(workdir, stage), config[stage].steps, config[stage])
   if logged is not None and jax.process_count() == 1:
     return logged
   if context.stage.frozen_models():

@@ -10,7 +10,6 @@ from llmstages.train.context import (StageContext, build_context, load_frozen,  
                                      validate_stage_config)
 from llmstages.train.loop import TrainingError, evaluate, mean_metrics, run_stage  # noqa: F401
 from llmstages.train.step import TrainState  # noqa: F401
-from llmstages.train.writer import logged_eval  # noqa: F401
 
 __all__ = ["StageContext", "TrainState", "TrainingError", "build_context", "evaluate", "load_frozen",
-           "logged_eval", "mean_metrics", "run_stage", "validate_stage_config"]
+           "mean_metrics", "run_stage", "validate_stage_config"]

@@ -185,7 +185,7 @@ class _Loop:
 
   def __init__(self, ctx: StageContext, stage_dir: str, ckpt: ckpt_lib.Checkpointer, train_iter, start: int,
                resumed: bool):
-    self.ctx, self.ckpt, self.train_iter, self.start = ctx, ckpt, train_iter, start
+    self.ctx, self.ckpt, self.train_iter, self.start, self.stage_dir = ctx, ckpt, train_iter, start, stage_dir
     self.name, self.stage_config = ctx.name, ctx.stage_config
     self.writer = MetricsWriter(stage_dir, resume_step=start if resumed else None)
     self.progress = Progress(self.name, start, self.stage_config.steps, ctx.config.progress)
@@ -263,6 +263,8 @@ class _Loop:
       scalars = evaluate(self.ctx, eval_fn, self.ctx.full_params(state))
       self.writer.write(done, scalars)
       self.progress.update(done, scalars)
+      if done == stage_config.steps:  # The `stage` evaluator reuses it rather than scoring the same batches again.
+        workdir_lib.save_final_eval(self.stage_dir, done, stage_config, scalars)
     if done % stage_config.checkpoint_every == 0 or stopping:
       self.check_finite(*pending)
       self.save(done, state)

@@ -51,21 +51,6 @@ class MetricsWriter:
       self._tb.close()
 
 
-def logged_eval(directory: str, step: int) -> dict[str, float] | None:
-  """The `eval/` scalars a `MetricsWriter` logged at `step` in `<directory>/metrics.jsonl` (the last such line;
-  a resumed run truncates the lines after its checkpoint), or None."""
-  path = os.path.join(directory, "metrics.jsonl")
-  if not os.path.exists(path):
-    return None
-  found = None
-  with open(path) as f:
-    for line in f:
-      record = json.loads(line) if line.strip() else {}
-      if record.get("step") == step and any(k.startswith("eval/") for k in record):
-        found = {k: v for k, v in record.items() if k.startswith("eval/")}
-  return found
-
-
 _CONSOLE_KEYS = ("loss", "accuracy", "grad_norm", "lr", "tokens_per_sec", "reward", "margin", "kl")
 
 
