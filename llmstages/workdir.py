@@ -49,6 +49,14 @@ def save_final_eval(stage_directory: str, step: int, stage_config, scalars: dict
   os.replace(tmp, os.path.join(stage_directory, "final_eval.json"))
 
 
+def drop_final_eval(stage_directory: str) -> None:
+  """Removes a kept final evaluation before a stage trains (again): its parameters are about to change, and with
+  `eval_every` 0 no new one would replace it."""
+  path = os.path.join(stage_directory, "final_eval.json")
+  if jax.process_index() == 0 and os.path.exists(path):
+    os.remove(path)
+
+
 def load_final_eval(stage_directory: str, step: int, stage_config) -> dict[str, float] | None:
   """`save_final_eval`'s figures when they were made at `step` under this very stage block, else None."""
   path = os.path.join(stage_directory, "final_eval.json")

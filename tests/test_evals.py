@@ -105,7 +105,15 @@ def test_stage_evaluator_reuses_the_loops_evaluation_at_the_last_step(tmp_path, 
     changed.pretrain.eval_steps = 1
     with pytest.raises(AssertionError, match="a second time"):  # Other settings: computed, not reused.
       evals.evaluate_stage(changed, "pretrain", workdir, force=True)
-  os.remove(os.path.join(workdir, "pretrain", "final_eval.json"))  # Nothing to reuse: computed, the same.
+  # Trained again (here: from scratch, without an evaluation at the last step): the kept figures are dropped, and
+  # the evaluator computes them, the same (deterministic, on an 8-device mesh against the loop's one device).
+  for kept in ("final.json", "checkpoints", "final_params"):
+    path = os.path.join(workdir, "pretrain", kept)
+    os.remove(path) if kept.endswith(".json") else shutil.rmtree(path)
+  again = c.copy_and_resolve_references()
+  again.pretrain.eval_every = 0
+  pipeline.run(again, workdir, mesh=one_device_mesh())
+  assert not os.path.exists(os.path.join(workdir, "pretrain", "final_eval.json"))
   computed = evals.evaluate_stage(c, "pretrain", workdir, force=True)["metrics"]
   np.testing.assert_allclose(computed["stage/loss"]["value"], written["stage/loss"]["value"], rtol=1e-6)
   assert computed["stage/loss"]["n"] == written["stage/loss"]["n"]

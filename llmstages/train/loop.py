@@ -188,6 +188,8 @@ class _Loop:
     self.ctx, self.ckpt, self.train_iter, self.start, self.stage_dir = ctx, ckpt, train_iter, start, stage_dir
     self.name, self.stage_config = ctx.name, ctx.stage_config
     self.writer = MetricsWriter(stage_dir, resume_step=start if resumed else None)
+    if start < self.stage_config.steps:
+      workdir_lib.drop_final_eval(stage_dir)
     self.progress = Progress(self.name, start, self.stage_config.steps, ctx.config.progress)
     self.last_saved = start if resumed else None
     self._reset_window()
