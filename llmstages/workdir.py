@@ -37,35 +37,44 @@ def final_marker(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, "final.json")
 
 
+def _final_eval_path(stage_directory: str) -> str:
+  return os.path.join(stage_directory, "final_eval.json")
+
+
+def _block(stage_config) -> dict:
+  """A stage's config block as plain JSON data, so that two blocks compare by value."""
+  return json.loads(stage_config.to_json_best_effort(sort_keys=True))
+
+
 def save_final_eval(stage_directory: str, step: int, stage_config, scalars: dict[str, float]) -> None:
   """The training loop's held-out `eval/` figures at its last step, with the stage's config block (process 0)."""
   if jax.process_index() != 0:
     return
-  record = {"step": int(step), "stage_config": json.loads(stage_config.to_json_best_effort(sort_keys=True)),
+  record = {"step": int(step), "stage_config": _block(stage_config),
             "metrics": {k: float(v) for k, v in scalars.items()}}
-  tmp = os.path.join(stage_directory, "final_eval.json.tmp")
-  with open(tmp, "w") as f:
+  path = _final_eval_path(stage_directory)
+  with open(path + ".tmp", "w") as f:
     json.dump(record, f, sort_keys=True)
-  os.replace(tmp, os.path.join(stage_directory, "final_eval.json"))
+  os.replace(path + ".tmp", path)
 
 
 def drop_final_eval(stage_directory: str) -> None:
   """Removes a kept final evaluation before a stage trains (again): its parameters are about to change, and with
   `eval_every` 0 no new one would replace it."""
-  path = os.path.join(stage_directory, "final_eval.json")
+  path = _final_eval_path(stage_directory)
   if jax.process_index() == 0 and os.path.exists(path):
     os.remove(path)
 
 
 def load_final_eval(stage_directory: str, step: int, stage_config) -> dict[str, float] | None:
   """`save_final_eval`'s figures when they were made at `step` under this very stage block, else None."""
-  path = os.path.join(stage_directory, "final_eval.json")
+  path = _final_eval_path(stage_directory)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     record = json.load(f)
-  same = record.get("stage_config") == json.loads(stage_config.to_json_best_effort(sort_keys=True))
-  return record["metrics"] if same and record.get("step") == int(step) else None
+  same = record.get("stage_config") == _block(stage_config) and record.get("step") == int(step)
+  return record["metrics"] if same else None
 
 
 def stage_finished(workdir: str, stage: str) -> bool:
