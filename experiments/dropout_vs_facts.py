@@ -3,18 +3,19 @@ r"""Each regularizer alone, at one stage at a time: factual accuracy and bits/pa
   python -m llmstages.sweep --experiment=dropout_vs_facts:core --workdir=/tmp/sweeps/dropout_vs_facts_core
   python -m llmstages.compare /tmp/sweeps/dropout_vs_facts_core --out=experiments/results/dropout_vs_facts.md
 
-Base: configs/quickstart.py with 50 people (`people=50`: about 60 biography exposures per person in 300 pretraining
-steps, enough for the 0.9M-parameter model to store part of the facts, so that a regularizer has something to
-cost) and every regularizer off, weight decay included, so that each setting turns on exactly one thing.
+Base: the quickstart curriculum (configs/quickstart.py: 64 people, 500 pretraining steps of 8 x 256 tokens mixing
+biographies, QA of the QA-train half, scratchpad addition and stories; about 100 exposures per biography, enough
+for the 0.9M-parameter model to memorize nearly every fact, so that a regularizer has something to cost) with every
+regularizer off, weight decay included, so that each setting turns on exactly one thing.
 
 No arg, the whole design: dropout at every site, each dropout site alone (embeddings, attention probabilities,
 residual branches, MLP hidden), drop-path, NEFTune, label smoothing or weight decay, in the pretrain stage or in
-the CPT stage (new people) only: 1 + 2 x 9 = 19 settings x 5 seeds = 95 runs of pretrain + CPT, about 4 worker-
-minutes each on the 2-core CPU (some 3 hours with 2 workers).
+the CPT stage (16 new people, 60 steps, half of each batch replayed) only: 1 + 2 x 9 = 19 settings x 5 seeds = 95
+runs of pretrain + CPT, about 4-5 worker-minutes each on the 2-core CPU (some 3.5 hours with 2 workers).
 
 `:core`, what experiments/results/dropout_vs_facts.md ran: pretraining only, and at it each family once: none,
-dropout (every site), drop-path, NEFTune, label smoothing, weight decay: 6 settings x 5 seeds = 30 runs, about 3
-worker-minutes each (the shipped report ran 3 seeds, before the default became 5). The question (docs/RESEARCH.md): does
+dropout (every site), drop-path, NEFTune, label smoothing, weight decay: 6 settings x 5 seeds = 30 runs, about 4
+worker-minutes each (an hour with 2 workers). The question (docs/RESEARCH.md): does
 regularization cost stored facts (memorization exact match, capacity R) while buying diversity (EAD)? A claim needs
 the paired-difference interval against `none` to exclude 0.
 
@@ -25,8 +26,6 @@ from configs import quickstart
 from llmstages import experiments
 
 STAGES = ("pretrain", "cpt")
-PEOPLE = 50
-PRETRAIN_STEPS = 300
 RATE = 0.1
 # Setting name -> the stage's reg keys it sets (everything else stays off).
 REGULARIZERS = {
@@ -67,9 +66,7 @@ def _opts(arg: str) -> set[str]:
 def get_config(arg: str = ""):
   opts = _opts(arg)
   smoke = "smoke" in opts
-  c = quickstart.get_config("smoke" if smoke else f"people={PEOPLE}")
-  if not smoke:
-    c.pretrain.steps = c.pretrain.eval_every = c.pretrain.checkpoint_every = PRETRAIN_STEPS
+  c = quickstart.get_config("smoke" if smoke else "")
   c.stages = ("pretrain",) if "core" in opts else STAGES  # quickstart.py runs later stages too; not here.
   for stage in STAGES:
     c[stage].reg.weight_decay = 0.0  # The baseline has no regularization at all.
