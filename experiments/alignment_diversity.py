@@ -11,8 +11,8 @@ the preference stage, grpo; the reward model by its held-out pair accuracy), so 
 `compare` shows diversity, arithmetic and facts from the base model to the end of post-training. Expected
 (docs/RESEARCH.md): SFT costs most of the per-input diversity and DPO little (Karouzos et al. 2026); RL and DPO lower
 per-input diversity (Kirk et al. 2024); RL raises maj@k more than pass@k (DeepSeekMath); the base model can win at
-large k (Yue et al. 2025). 2 routes x 5 seeds = 10 runs of six stages, about 12 worker-minutes each on the 2-core
-CPU (about an hour with 2 workers).
+large k (Yue et al. 2025). 2 routes x 5 seeds = 10 runs of six stages, about 10 CPU-minutes each on the 2-core CPU
+(measured: 102 CPU-minutes for the ten; under an hour with 2 workers on an otherwise idle machine).
 
 `:smoke` runs both routes x 2 seeds of the quickstart smoke model.
 """

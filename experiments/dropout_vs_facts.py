@@ -14,8 +14,8 @@ the CPT stage (16 new people, 60 steps, half of each batch replayed) only: 1 + 2
 runs of pretrain + CPT, about 4-5 worker-minutes each on the 2-core CPU (some 3.5 hours with 2 workers).
 
 `:core`, what experiments/results/dropout_vs_facts.md ran: pretraining only, and at it each family once: none,
-dropout (every site), drop-path, NEFTune, label smoothing, weight decay: 6 settings x 5 seeds = 30 runs, about 4
-worker-minutes each (an hour with 2 workers). The question (docs/RESEARCH.md): does
+dropout (every site), drop-path, NEFTune, label smoothing, weight decay: 6 settings x 5 seeds = 30 runs, about 3.6
+CPU-minutes each (measured: 107 for the 30; under an hour with 2 workers on an otherwise idle machine). The question (docs/RESEARCH.md): does
 regularization cost stored facts (memorization exact match, capacity R) while buying diversity (EAD)? A claim needs
 the paired-difference interval against `none` to exclude 0.
 
