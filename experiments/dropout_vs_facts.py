@@ -19,6 +19,13 @@ CPU-minutes each (measured: 107 for the 30; under an hour with 2 workers on an o
 regularization cost stored facts (memorization exact match, capacity R) while buying diversity (EAD)? A claim needs
 the paired-difference interval against `none` to exclude 0.
 
+`:sites`, each dropout site alone at pretraining (the full design's first cut): none, embed_dropout,
+attn_dropout, residual_dropout, mlp_dropout: 5 settings x 5 seeds = 25 runs of pretraining only, the core's cost each.
+
+`:cpt`, the CPT-stage cut: pretrain + CPT with the regularizer in CPT only: none, dropout@cpt, neftune@cpt (NEFTune
+while fine-tuning on new documents, the like-for-like setting of Jain et al. 2024): 3 settings x 5 seeds = 15 runs.
+The question at CPT: does the regularizer cost the 16 new people's facts, or the 64 old ones'?
+
 `:smoke` runs 2 settings x 2 seeds of the quickstart smoke model in seconds each (the tests use it).
 """
 
@@ -40,6 +47,8 @@ REGULARIZERS = {
     "weight_decay": {"reg.weight_decay": RATE},
 }
 CORE = ("dropout", "drop_path", "neftune", "label_smoothing", "weight_decay")  # One per family, for `:core`.
+SITES = ("embed_dropout", "attn_dropout", "residual_dropout", "mlp_dropout")  # Each alone, for `:sites`.
+AT_CPT = ("dropout", "neftune")  # For `:cpt`.
 
 METRICS = (
     "bios_facts/memorization/mean_greedy",
@@ -53,7 +62,7 @@ PARETO = ("diversity/per_input/ead", "bios_facts/memorization/mean_greedy")
 BASELINE = "none"
 
 
-ARGS = {"smoke", "core"}
+ARGS = {"smoke", "core", "sites", "cpt"}
 
 
 def _opts(arg: str) -> set[str]:
@@ -67,7 +76,7 @@ def get_config(arg: str = ""):
   opts = _opts(arg)
   smoke = "smoke" in opts
   c = quickstart.get_config("smoke" if smoke else "")
-  c.stages = ("pretrain",) if "core" in opts else STAGES  # quickstart.py runs later stages too; not here.
+  c.stages = ("pretrain",) if opts & {"core", "sites"} else STAGES  # quickstart.py runs later stages too; not here.
   for stage in STAGES:
     c[stage].reg.weight_decay = 0.0  # The baseline has no regularization at all.
     c[stage].evals = ("perplexity", "bios_facts", "capacity", "diversity")  # What METRICS read.
@@ -84,6 +93,12 @@ def get_sweep(arg: str = ""):
     return experiments.product([experiments.setting("none"), at_stage("pretrain", "dropout")], experiments.seeds(2))
   if "core" in opts:
     return experiments.product([experiments.setting("none")] + [at_stage("pretrain", name) for name in CORE],
+                               experiments.seeds(experiments.DEFAULT_SEEDS))
+  if "sites" in opts:
+    return experiments.product([experiments.setting("none")] + [at_stage("pretrain", name) for name in SITES],
+                               experiments.seeds(experiments.DEFAULT_SEEDS))
+  if "cpt" in opts:
+    return experiments.product([experiments.setting("none")] + [at_stage("cpt", name) for name in AT_CPT],
                                experiments.seeds(experiments.DEFAULT_SEEDS))
   settings = [experiments.setting("none")] + [at_stage(stage, name) for stage in STAGES for name in REGULARIZERS]
   return experiments.product(settings, experiments.seeds(experiments.DEFAULT_SEEDS))

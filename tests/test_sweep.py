@@ -176,6 +176,15 @@ def test_reduced_sweeps_are_subsets_of_their_design():
   assert all(r.config.stages == ("pretrain",) for r in core)
   assert {r.setting for r in core} == {"none", "dropout@pretrain", "drop_path@pretrain", "neftune@pretrain",
                                        "label_smoothing@pretrain", "weight_decay@pretrain"}
+  sites = experiments.load("dropout_vs_facts:sites").runs()
+  assert len(sites) == 5 * 5 and all(r.config.stages == ("pretrain",) for r in sites)
+  alone = {r.setting: r.config.pretrain.reg for r in sites if r.seed == 0}
+  assert alone["none"].dropout == 0.0 and alone["none"].attn_dropout is None
+  assert alone["attn_dropout@pretrain"].attn_dropout == 0.1 and alone["attn_dropout@pretrain"].dropout == 0.0
+  at_cpt = experiments.load("dropout_vs_facts:cpt").runs()
+  assert len(at_cpt) == 3 * 5 and all(r.config.stages == ("pretrain", "cpt") for r in at_cpt)
+  neftune = next(r.config for r in at_cpt if r.setting == "neftune@cpt")
+  assert (neftune.pretrain.reg.neftune_alpha, neftune.cpt.reg.neftune_alpha) == (0.0, 5.0)
   cpu = experiments.load("capacity:cpu").runs()
   assert len(cpu) == 4 * 5 and {r.config.model.d_model for r in cpu} == {16, 32}
   assert len(experiments.load("capacity:cpu,seeds=3").runs()) == 12
