@@ -131,7 +131,8 @@ def test_sweep_helpers_build_plain_lists():
 
 
 def test_registry_lists_every_experiment_and_smoke_shrinks_it():
-  shipped = ("dropout_vs_facts", "capacity", "augmentation_extraction", "late_dropout", "alignment_diversity")
+  shipped = ("dropout_vs_facts", "capacity", "augmentation_extraction", "late_dropout", "alignment_diversity",
+             "dropout_bits")
   assert set(shipped) <= set(experiments.names())
   for name in shipped:
     full, smoke = experiments.load(name), experiments.load(f"{name}:smoke")
@@ -185,6 +186,11 @@ def test_reduced_sweeps_are_subsets_of_their_design():
   assert len(at_cpt) == 3 * 5 and all(r.config.stages == ("pretrain", "cpt") for r in at_cpt)
   neftune = next(r.config for r in at_cpt if r.setting == "neftune@cpt")
   assert (neftune.pretrain.reg.neftune_alpha, neftune.cpt.reg.neftune_alpha) == (0.0, 5.0)
+  bits = experiments.load("dropout_bits").runs()  # The rates at size m, 100 exposures of 4000 people.
+  assert {r.config.pretrain.reg.dropout for r in bits} == {0.0, 0.05, 0.1, 0.2} and len(bits) == 4 * 3
+  assert {(r.config.model.d_model, r.config.eval.bios, r.config.pretrain.steps) for r in bits} == {
+      (64, "bios(n=4000,format=multi_permute)", experiments.config_module("capacity.py").steps_for_exposures(
+          100, 4000, 32, 128))}
   cpu = experiments.load("capacity:cpu").runs()
   assert len(cpu) == 4 * 5 and {r.config.model.d_model for r in cpu} == {16, 32}
   assert len(experiments.load("capacity:cpu,seeds=3").runs()) == 12
