@@ -1,6 +1,6 @@
 r"""Compares the runs of a sweep: per stage, each setting's metrics over seeds, paired differences, and two plots.
 
-  python -m llmstages.compare DIR [--out=REPORT.md]
+  python -m llmstages.compare DIR [--out=REPORT.md] [--metrics=KEY,...]
   python -m llmstages.compare --from_json=REPORT.json [--out=REPORT.md]
   python -m llmstages.compare --baseline WORKDIR [--stages=sft,instruct]   (a run with --config.eval.shots=K)
 
@@ -13,7 +13,8 @@ DIR/report.md), REPORT.json (the same numbers, every per-seed value and the head
 REPORT.pareto.png (the PARETO pair, e.g. factual accuracy against diversity, with both intervals, one panel per
 stage) and REPORT.trajectory.png (each metric after each stage, one line per setting). `--from_json` recomputes
 every interval and claim from an earlier REPORT.json's per-seed values (the sweep directory may be gone) and writes
-it all again (default: REPORT.md beside it). `--baseline`: see `baseline_table`.
+it all again (default: REPORT.md beside it). `--metrics` adds eval.json keys after the sweep's own (a question the
+experiment's METRICS did not list, asked of runs already made). `--baseline`: see `baseline_table`.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ _OUT = flags.DEFINE_string("out", "", "The Markdown report; '' writes DIR/report
 _FROM_JSON = flags.DEFINE_string("from_json", "", "Re-render from this REPORT.json's per-seed values, not a DIR.")
 _BASELINE = flags.DEFINE_bool("baseline", False, "DIR is one pipeline's workdir run with eval.shots=K: print each "
                               "stage's 0-shot and K-shot scores side by side (did fine-tuning beat prompting?).")
+_METRICS = flags.DEFINE_list("metrics", [], "With DIR: also report these eval.json keys, after the sweep's METRICS.")
 _STAGES = flags.DEFINE_list("stages", [], "With --baseline: these stages, in this order (the last is 'after'); "
                             "default: every stage with K-shot scores.")
 
@@ -339,9 +341,12 @@ def write(report: dict, out: str, command: str) -> dict:
   return paths
 
 
-def compare(directory: str, out: str = "", command: str = "") -> dict:
-  """Writes the report of the sweep in `directory`, its JSON and both plots; returns the paths and the summary."""
-  report = report_from_sweep(*load_sweep(directory))
+def compare(directory: str, out: str = "", command: str = "", metrics: tuple[str, ...] = ()) -> dict:
+  """Writes the report of the sweep in `directory`, its JSON and both plots; returns the paths and the summary.
+  `metrics`: eval.json keys to report after the sweep's own."""
+  sweep, runs = load_sweep(directory)
+  sweep["metrics"] = list(dict.fromkeys(list(sweep["metrics"]) + list(metrics)))
+  report = report_from_sweep(sweep, runs)
   command = command or "python -m llmstages.compare " + " ".join(sys.argv[1:])
   return {"paths": write(report, out or os.path.join(directory, "report.md"), command), "summary": report}
 
@@ -403,7 +408,7 @@ def main(argv):
         with open(_OUT.value, "w") as f:
           f.write(table + "\n")
       return
-    result = compare(argv[1], _OUT.value)
+    result = compare(argv[1], _OUT.value, metrics=tuple(_METRICS.value))
   print("\n".join(f"wrote {p}" for p in result["paths"].values()))
 
 

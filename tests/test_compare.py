@@ -77,6 +77,9 @@ def test_report_numbers_are_seed_means_and_paired_differences(tmp_path):
       assert f.read(8) == PNG
   with open(out["paths"]["json"]) as f:
     assert np.isclose(json.load(f)["table"]["s2"]["b"]["div"]["mean"], 0.4)
+  more = compare.compare(str(tmp_path), str(tmp_path / "more.md"), command="X", metrics=("div", "extra"))
+  assert more["summary"]["metrics"] == ["acc", "div", "extra"]  # After the sweep's own, no duplicate.
+  assert more["summary"]["table"]["s1"]["a"]["extra"]["n"] == 0  # No run has it: an empty cell, not an error.
 
 
 def test_compare_on_a_finished_smoke_sweep(tmp_path_factory, tmp_path):
