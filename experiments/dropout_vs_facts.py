@@ -23,8 +23,11 @@ the paired-difference interval against `none` to exclude 0.
 attn_dropout, residual_dropout, mlp_dropout: 5 settings x 5 seeds = 25 runs of pretraining only, the core's cost each.
 
 `:cpt`, the CPT-stage cut: pretrain + CPT with the regularizer in CPT only: none, dropout@cpt, neftune@cpt (NEFTune
-while fine-tuning on new documents, the like-for-like setting of Jain et al. 2024): 3 settings x 5 seeds = 15 runs.
-The question at CPT: does the regularizer cost the 16 new people's facts, or the 64 old ones'?
+while fine-tuning on new documents, the like-for-like setting of Jain et al. 2024): 3 settings x 5 seeds = 15 runs
+(measured: 63 CPU-minutes). The question at CPT: does the regularizer cost the 16 new people's facts, or the 64 old
+ones'? Their score is not in METRICS (pretraining cannot move it), so its report adds it:
+`python -m llmstages.compare DIR --out=experiments/results/dropout_vs_facts_cpt.md
+--metrics=bios_facts/new_people/mean_greedy`.
 
 `:smoke` runs 2 settings x 2 seeds of the quickstart smoke model in seconds each (the tests use it).
 """
