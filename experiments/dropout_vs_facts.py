@@ -20,7 +20,8 @@ regularization cost stored facts (memorization exact match, capacity R) while bu
 the paired-difference interval against `none` to exclude 0.
 
 `:sites`, each dropout site alone at pretraining (the full design's first cut): none, embed_dropout,
-attn_dropout, residual_dropout, mlp_dropout: 5 settings x 5 seeds = 25 runs of pretraining only, the core's cost each.
+attn_dropout, residual_dropout, mlp_dropout: 5 settings x 5 seeds = 25 runs of pretraining only, the core's cost each
+(measured: 93 CPU-minutes for the 25).
 
 `:cpt`, the CPT-stage cut: pretrain + CPT with the regularizer in CPT only: none, dropout@cpt, neftune@cpt (NEFTune
 while fine-tuning on new documents, the like-for-like setting of Jain et al. 2024): 3 settings x 5 seeds = 15 runs
