@@ -66,13 +66,17 @@ PARETO = ("diversity/per_input/ead", "bios_facts/memorization/mean_greedy")
 BASELINE = "none"
 
 
-ARGS = {"smoke", "core", "sites", "cpt"}
+CUTS = {"core", "sites", "cpt"}
+ARGS = {"smoke"} | CUTS
 
 
 def _opts(arg: str) -> set[str]:
   opts = set(filter(None, arg.split(",")))
   if opts - ARGS:
     raise ValueError(f"experiments/dropout_vs_facts.py: unknown arg(s) {sorted(opts - ARGS)}; known: {sorted(ARGS)}")
+  if len(opts & CUTS) > 1:
+    raise ValueError(f"experiments/dropout_vs_facts.py: args {sorted(opts & CUTS)} are different cuts of the design; "
+                     f"give one")
   return opts
 
 

@@ -59,11 +59,12 @@ def merge_stage_orders(orders: list[list[str]]) -> list[str]:
   return out
 
 
-def load_sweep(directory: str) -> tuple[dict, list[dict]]:
+def load_sweep(directory: str, metrics: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
   """(sweep.json, runs): each run's run.json plus 'finished' and 'evals' {stage: {metric: value}}.
 
-  The sweep's 'stages' become the stages the finished runs actually ran (a setting may change `stages`), merged
-  in order, keeping those after which some run has a metric the report shows."""
+  `metrics` join the sweep's 'metrics' (each must be in some finished run's eval.json). The sweep's 'stages' become
+  the stages the finished runs actually ran (a setting may change `stages`), merged in order, keeping those after
+  which some run has a metric the report shows."""
   path = os.path.join(directory, "sweep.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: DIR must be the --workdir of `python -m llmstages.sweep`")
@@ -83,6 +84,12 @@ def load_sweep(directory: str) -> tuple[dict, list[dict]]:
           with open(eval_path) as f:
             run["evals"][stage] = {k: m["value"] for k, m in json.load(f)["metrics"].items()}
     runs.append(run)
+  reported = {k for r in runs for stage in r["evals"].values() for k in stage}
+  missing = [m for m in metrics if m not in reported]
+  if missing:
+    raise ValueError(f"--metrics: {missing} in no finished run's eval.json under {directory}/runs (mistyped, or "
+                     f"never evaluated: a run's <stage>/eval.json lists the keys)")
+  sweep["metrics"] = list(dict.fromkeys(list(sweep["metrics"]) + list(metrics)))
   ran = [r["result"].get("stages") or sweep["stages"] for r in runs if r["finished"]]
   merged = merge_stage_orders(ran) if ran else list(sweep["stages"])
   wanted = set(sweep["metrics"]) | set(sweep.get("pareto") or ())
@@ -344,9 +351,7 @@ def write(report: dict, out: str, command: str) -> dict:
 def compare(directory: str, out: str = "", command: str = "", metrics: tuple[str, ...] = ()) -> dict:
   """Writes the report of the sweep in `directory`, its JSON and both plots; returns the paths and the summary.
   `metrics`: eval.json keys to report after the sweep's own."""
-  sweep, runs = load_sweep(directory)
-  sweep["metrics"] = list(dict.fromkeys(list(sweep["metrics"]) + list(metrics)))
-  report = report_from_sweep(sweep, runs)
+  report = report_from_sweep(*load_sweep(directory, metrics))
   command = command or "python -m llmstages.compare " + " ".join(sys.argv[1:])
   return {"paths": write(report, out or os.path.join(directory, "report.md"), command), "summary": report}
 

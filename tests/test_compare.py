@@ -77,9 +77,15 @@ def test_report_numbers_are_seed_means_and_paired_differences(tmp_path):
       assert f.read(8) == PNG
   with open(out["paths"]["json"]) as f:
     assert np.isclose(json.load(f)["table"]["s2"]["b"]["div"]["mean"], 0.4)
-  more = compare.compare(str(tmp_path), str(tmp_path / "more.md"), command="X", metrics=("div", "extra"))
-  assert more["summary"]["metrics"] == ["acc", "div", "extra"]  # After the sweep's own, no duplicate.
-  assert more["summary"]["table"]["s1"]["a"]["extra"]["n"] == 0  # No run has it: an empty cell, not an error.
+  with open(os.path.join(tmp_path, "sweep.json")) as f:  # A report of only `acc`, then `div` asked for.
+    sweep = json.load(f)
+  with open(os.path.join(tmp_path, "sweep.json"), "w") as f:
+    json.dump({**sweep, "metrics": ["acc"], "pareto": []}, f)
+  more = compare.compare(str(tmp_path), str(tmp_path / "more.md"), command="X", metrics=("acc", "div"))
+  assert more["summary"]["metrics"] == ["acc", "div"]  # After the sweep's own, no duplicate.
+  assert np.isclose(more["summary"]["table"]["s2"]["b"]["div"]["mean"], 0.4)
+  with pytest.raises(ValueError, match=r"--metrics: \['acc_typo'\] in no finished run's eval.json"):
+    compare.compare(str(tmp_path), str(tmp_path / "typo.md"), command="X", metrics=("acc_typo",))
 
 
 def test_compare_on_a_finished_smoke_sweep(tmp_path_factory, tmp_path):

@@ -186,6 +186,8 @@ def test_reduced_sweeps_are_subsets_of_their_design():
   assert len(at_cpt) == 3 * 5 and all(r.config.stages == ("pretrain", "cpt") for r in at_cpt)
   neftune = next(r.config for r in at_cpt if r.setting == "neftune@cpt")
   assert (neftune.pretrain.reg.neftune_alpha, neftune.cpt.reg.neftune_alpha) == (0.0, 5.0)
+  with pytest.raises(ValueError, match=r"args \['core', 'cpt'\] are different cuts of the design; give one"):
+    experiments.load("dropout_vs_facts:core,cpt").runs()
   bits = experiments.load("dropout_bits").runs()  # The rates at size m, 100 exposures of 4000 people.
   assert {r.config.pretrain.reg.dropout for r in bits} == {0.0, 0.05, 0.1, 0.2} and len(bits) == 4 * 3
   assert {(r.config.model.d_model, r.config.eval.bios, r.config.pretrain.steps) for r in bits} == {
