@@ -14,6 +14,12 @@ per-input diversity (Kirk et al. 2024); RL raises maj@k more than pass@k (DeepSe
 large k (Yue et al. 2025). 2 routes x 5 seeds = 10 runs of six stages, about 10 CPU-minutes each on the 2-core CPU
 (measured: 102 CPU-minutes for the ten; under an hour with 2 workers on an otherwise idle machine).
 
+With and without regularization: two more settings take the DPO route with dropout 0.1 (every site) or NEFTune
+(alpha 5) in SFT and instruct, so `dpo_dropout` and `dpo_neftune` pair with `dpo` seed by seed (the same pretrained
+model; from SFT on they differ). The question: does regularizing the supervised stages keep the diversity they
+take? 2 x 5 = 10 more runs. The run hashes are the resolved configs, so a sweep directory that holds the first 10
+runs only runs the new ones.
+
 `:smoke` runs both routes x 2 seeds of the quickstart smoke model.
 """
 
@@ -51,8 +57,19 @@ def get_config(arg: str = ""):
   return c
 
 
+# The regularized arms: the DPO route with one regularizer on in the two supervised stages, where the diversity
+# goes (Karouzos et al. 2026); everything else as in `dpo`, so each pairs with it seed by seed.
+SUPERVISED = ("sft", "instruct")
+REGULARIZERS = {"dropout": {"reg.dropout": 0.1}, "neftune": {"reg.neftune_alpha": 5.0}}
+
+
 def get_sweep(arg: str = ""):
   common = ("pretrain", "sft", "instruct", "reward")
-  settings = [experiments.setting("dpo", {"stages": common + ("dpo", "grpo"), "grpo.init_from": "dpo"}),
+  dpo = {"stages": common + ("dpo", "grpo"), "grpo.init_from": "dpo"}
+  settings = [experiments.setting("dpo", dpo),
               experiments.setting("ppo", {"stages": common + ("ppo", "grpo"), "grpo.init_from": "ppo"})]
+  if not _smoke(arg):
+    settings += [experiments.setting(f"dpo_{name}", dpo, **{f"{stage}.{k}": v for stage in SUPERVISED
+                                                            for k, v in reg.items()})
+                 for name, reg in REGULARIZERS.items()]
   return experiments.product(settings, experiments.seeds(2 if _smoke(arg) else experiments.DEFAULT_SEEDS))

@@ -193,6 +193,11 @@ def test_reduced_sweeps_are_subsets_of_their_design():
   assert {(r.config.model.d_model, r.config.eval.bios, r.config.pretrain.steps) for r in bits} == {
       (64, "bios(n=4000,format=multi_permute)", experiments.config_module("capacity.py").steps_for_exposures(
           100, 4000, 32, 128))}
+  aligned = {(r.setting, r.seed): r.config for r in experiments.load("alignment_diversity").runs()}
+  assert len(aligned) == 4 * 5  # dpo, ppo and the DPO route regularized in the supervised stages only.
+  base, neft = aligned["dpo", 0], aligned["dpo_neftune", 0]
+  assert neft.stages == base.stages and [neft[s].reg.neftune_alpha for s in neft.stages] == [0, 5, 5, 0, 0, 0]
+  assert [aligned["dpo_dropout", 0][s].reg.dropout for s in base.stages] == [0, 0.1, 0.1, 0, 0, 0]
   cpu = experiments.load("capacity:cpu").runs()
   assert len(cpu) == 4 * 5 and {r.config.model.d_model for r in cpu} == {16, 32}
   assert len(experiments.load("capacity:cpu,seeds=3").runs()) == 12
