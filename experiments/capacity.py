@@ -56,7 +56,7 @@ def get_sweep(arg: str = ""):
   people = CPU_PEOPLE if cpu else 100 if smoke else capacity_config.PEOPLE
   sizes = ("xs", "s") if smoke else ("xxs", "xs") if cpu else ("xs", "s", "m")
   exposures = (100,) if smoke or cpu else (100, 1000)
-  n_seeds = int(opts.get("seeds") or (1 if smoke else experiments.DEFAULT_SEEDS))
+  n_seeds = experiments.seed_count(opts, 1 if smoke else experiments.DEFAULT_SEEDS, "experiments/capacity.py")
   settings = []
   for size in sizes:
     for e in exposures:

@@ -61,6 +61,6 @@ def get_sweep(arg: str = ""):
   opts = _opts(arg)
   smoke = "smoke" in opts
   rates = (0.0, 0.1) if smoke else RATES
-  n_seeds = int(opts.get("seeds") or (1 if smoke else SEEDS))
+  n_seeds = experiments.seed_count(opts, 1 if smoke else SEEDS, "experiments/dropout_bits.py")
   settings = [experiments.setting(f"dropout{rate:g}", {"pretrain.reg.dropout": rate}) for rate in rates]
   return experiments.product(settings, experiments.seeds(n_seeds))

@@ -80,6 +80,15 @@ def seeds(n: int, start: int = 0) -> list[dict]:
   return [{"seed": s} for s in range(start, start + n)]
 
 
+def seed_count(opts: dict, default: int, where: str) -> int:
+  """The `seeds=N` of an experiment's parsed arg (`default` without one); `where` names the experiment's file."""
+  if "seeds" not in opts:
+    return default
+  if not opts["seeds"].isdigit() or int(opts["seeds"]) < 1:
+    raise ValueError(f"{where}: seeds={opts['seeds']!r}; give a positive whole number, e.g. seeds={DEFAULT_SEEDS}")
+  return int(opts["seeds"])
+
+
 def setting(name: str, overrides: dict | None = None, **more) -> dict:
   """One named setting: setting('dropout@pretrain', {'pretrain.reg.dropout': 0.1})."""
   return {"setting": name, **(overrides or {}), **more}

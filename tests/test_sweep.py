@@ -198,9 +198,14 @@ def test_reduced_sweeps_are_subsets_of_their_design():
   base, neft = aligned["dpo", 0], aligned["dpo_neftune", 0]
   assert neft.stages == base.stages and [neft[s].reg.neftune_alpha for s in neft.stages] == [0, 5, 5, 0, 0, 0]
   assert [aligned["dpo_dropout", 0][s].reg.dropout for s in base.stages] == [0, 0.1, 0.1, 0, 0, 0]
+  assert len(experiments.load("dropout_bits:seeds=5").runs()) == 4 * 5
+  with pytest.raises(ValueError, match=r"dropout_bits.py: seeds='x'; give a positive whole number"):
+    experiments.load("dropout_bits:seeds=x").runs()
   cpu = experiments.load("capacity:cpu").runs()
   assert len(cpu) == 4 * 5 and {r.config.model.d_model for r in cpu} == {16, 32}
   assert len(experiments.load("capacity:cpu,seeds=3").runs()) == 12
+  with pytest.raises(ValueError, match=r"capacity.py: seeds=''; give a positive whole number"):
+    experiments.load("capacity:cpu,seeds").runs()
   assert all(r.config.eval.bios == "bios(n=200,format=multi_permute)" for r in cpu)
   assert {r.config.pretrain.reg.dropout for r in cpu} == {0.0, 0.1}
 
