@@ -23,10 +23,12 @@ the paired-difference interval against `none` to exclude 0.
 attn_dropout, residual_dropout, mlp_dropout: 5 settings x 5 seeds = 25 runs of pretraining only, the core's cost each
 (measured: 93 CPU-minutes for the 25).
 
-`:cpt`, the CPT-stage cut: pretrain + CPT with the regularizer in CPT only: none, dropout@cpt, neftune@cpt (NEFTune
-while fine-tuning on new documents, the like-for-like setting of Jain et al. 2024): 3 settings x 5 seeds = 15 runs
-(measured: 63 CPU-minutes). The question at CPT: does the regularizer cost the 16 new people's facts, or the 64 old
-ones'? Their score is not in METRICS (pretraining cannot move it), so its report adds it:
+`:cpt`, the CPT-stage cut: pretrain + CPT with the regularizer in CPT only, each family once: none, dropout@cpt,
+drop_path@cpt, neftune@cpt (NEFTune while fine-tuning on new documents, the like-for-like setting of Jain et al.
+2024), label_smoothing@cpt, weight_decay@cpt: 6 settings x 5 seeds = 30 runs (measured: 63 CPU-minutes for the
+first 15, none, dropout and NEFTune; the other 15 ran later in the same directory, which runs only the runs it lacks).
+The question at CPT: does the regularizer cost the 16 new people's facts, or the 64 old ones'? Their score is not in
+METRICS (pretraining cannot move it), so its report adds it:
 `python -m llmstages.compare DIR --out=experiments/results/dropout_vs_facts_cpt.md
 --metrics=bios_facts/new_people/mean_greedy`.
 
@@ -52,7 +54,7 @@ REGULARIZERS = {
 }
 CORE = ("dropout", "drop_path", "neftune", "label_smoothing", "weight_decay")  # One per family, for `:core`.
 SITES = ("embed_dropout", "attn_dropout", "residual_dropout", "mlp_dropout")  # Each alone, for `:sites`.
-AT_CPT = ("dropout", "neftune")  # For `:cpt`.
+AT_CPT = CORE  # For `:cpt`: each family once, in CPT only.
 
 METRICS = (
     "bios_facts/memorization/mean_greedy",

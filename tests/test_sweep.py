@@ -183,7 +183,7 @@ def test_reduced_sweeps_are_subsets_of_their_design():
   assert alone["none"].dropout == 0.0 and alone["none"].attn_dropout is None
   assert alone["attn_dropout@pretrain"].attn_dropout == 0.1 and alone["attn_dropout@pretrain"].dropout == 0.0
   at_cpt = experiments.load("dropout_vs_facts:cpt").runs()
-  assert len(at_cpt) == 3 * 5 and all(r.config.stages == ("pretrain", "cpt") for r in at_cpt)
+  assert len(at_cpt) == 6 * 5 and all(r.config.stages == ("pretrain", "cpt") for r in at_cpt)
   neftune = next(r.config for r in at_cpt if r.setting == "neftune@cpt")
   assert (neftune.pretrain.reg.neftune_alpha, neftune.cpt.reg.neftune_alpha) == (0.0, 5.0)
   with pytest.raises(ValueError, match=r"args \['core', 'cpt'\] are different cuts of the design; give one"):
