@@ -17,8 +17,8 @@ large k (Yue et al. 2025). 2 routes x 5 seeds = 10 runs of six stages, about 10 
 With and without regularization: two more settings take the DPO route with dropout 0.1 (every site) or NEFTune
 (alpha 5) in SFT and instruct, so `dpo_dropout` and `dpo_neftune` pair with `dpo` seed by seed (the same pretrained
 model; from SFT on they differ). The question: does regularizing the supervised stages keep the diversity they
-take? 2 x 5 = 10 more runs. The run hashes are the resolved configs, so a sweep directory that holds the first 10
-runs only runs the new ones.
+take? 2 x 5 = 10 more runs (measured: 127 CPU-minutes for the ten, beside other work). The run hashes are the
+resolved configs, so a sweep directory that holds the first 10 runs only runs the new ones.
 
 `:smoke` runs both routes x 2 seeds of the quickstart smoke model.
 """
