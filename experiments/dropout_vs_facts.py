@@ -25,8 +25,8 @@ attn_dropout, residual_dropout, mlp_dropout: 5 settings x 5 seeds = 25 runs of p
 
 `:cpt`, the CPT-stage cut: pretrain + CPT with the regularizer in CPT only, each family once: none, dropout@cpt,
 drop_path@cpt, neftune@cpt (NEFTune while fine-tuning on new documents, the like-for-like setting of Jain et al.
-2024), label_smoothing@cpt, weight_decay@cpt: 6 settings x 5 seeds = 30 runs (measured: 63 CPU-minutes for the
-first 15, none, dropout and NEFTune; the other 15 ran later in the same directory, which runs only the runs it lacks).
+2024), label_smoothing@cpt, weight_decay@cpt: 6 settings x 5 seeds = 30 runs (measured: 63 CPU-minutes for none,
+dropout and NEFTune, 66 for the other 15, run later in the same directory, which runs only the runs it lacks).
 The question at CPT: does the regularizer cost the 16 new people's facts, or the 64 old ones'? Their score is not in
 METRICS (pretraining cannot move it), so its report adds it:
 `python -m llmstages.compare DIR --out=experiments/results/dropout_vs_facts_cpt.md
