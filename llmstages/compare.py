@@ -62,7 +62,7 @@ def merge_stage_orders(orders: list[list[str]]) -> list[str]:
 def load_sweep(directory: str, metrics: tuple[str, ...] = ()) -> tuple[dict, list[dict]]:
   """(sweep.json, runs): each run's run.json plus 'finished' and 'evals' {stage: {metric: value}}.
 
-  `metrics` join the sweep's 'metrics' (each must be in some finished run's eval.json). The sweep's 'stages' become
+  `metrics` join the sweep's 'metrics' (each must be in some run's eval.json). The sweep's 'stages' become
   the stages the finished runs actually ran (a setting may change `stages`), merged in order, keeping those after
   which some run has a metric the report shows."""
   path = os.path.join(directory, "sweep.json")
@@ -87,7 +87,7 @@ def load_sweep(directory: str, metrics: tuple[str, ...] = ()) -> tuple[dict, lis
   reported = {k for r in runs for stage in r["evals"].values() for k in stage}
   missing = [m for m in metrics if m not in reported]
   if missing:
-    raise ValueError(f"--metrics: {missing} in no finished run's eval.json under {directory}/runs (mistyped, or "
+    raise ValueError(f"--metrics: {missing} in no run's eval.json under {directory}/runs (mistyped, or "
                      f"never evaluated: a run's <stage>/eval.json lists the keys)")
   sweep["metrics"] = list(dict.fromkeys(list(sweep["metrics"]) + list(metrics)))
   ran = [r["result"].get("stages") or sweep["stages"] for r in runs if r["finished"]]

@@ -84,7 +84,7 @@ def test_report_numbers_are_seed_means_and_paired_differences(tmp_path):
   more = compare.compare(str(tmp_path), str(tmp_path / "more.md"), command="X", metrics=("acc", "div"))
   assert more["summary"]["metrics"] == ["acc", "div"]  # After the sweep's own, no duplicate.
   assert np.isclose(more["summary"]["table"]["s2"]["b"]["div"]["mean"], 0.4)
-  with pytest.raises(ValueError, match=r"--metrics: \['acc_typo'\] in no finished run's eval.json"):
+  with pytest.raises(ValueError, match=r"--metrics: \['acc_typo'\] in no run's eval.json"):
     compare.compare(str(tmp_path), str(tmp_path / "typo.md"), command="X", metrics=("acc_typo",))
 
 
