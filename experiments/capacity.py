@@ -36,11 +36,7 @@ CPU_PEOPLE = 200
 
 
 def _opts(arg: str) -> dict:
-  opts = dict(o.partition("=")[::2] for o in filter(None, arg.split(",")))
-  unknown = set(opts) - {"smoke", "cpu", "seeds"}
-  if unknown:
-    raise ValueError(f"experiments/capacity.py: unknown arg(s) {sorted(unknown)}; known: smoke, cpu, seeds=N")
-  return opts
+  return experiments.arg_options(arg, {"smoke", "cpu", "seeds"}, "experiments/capacity.py")
 
 
 def get_config(arg: str = ""):

@@ -39,11 +39,7 @@ BASELINE = "dropout0"
 
 
 def _opts(arg: str) -> dict:
-  opts = dict(o.partition("=")[::2] for o in filter(None, arg.split(",")))
-  unknown = set(opts) - {"smoke", "seeds"}
-  if unknown:
-    raise ValueError(f"experiments/dropout_bits.py: unknown arg(s) {sorted(unknown)}; known: smoke, seeds=N")
-  return opts
+  return experiments.arg_options(arg, {"smoke", "seeds"}, "experiments/dropout_bits.py")
 
 
 def get_config(arg: str = ""):

@@ -80,6 +80,15 @@ def seeds(n: int, start: int = 0) -> list[dict]:
   return [{"seed": s} for s in range(start, start + n)]
 
 
+def arg_options(arg: str, known: set[str], where: str) -> dict:
+  """An experiment's arg 'a,b=1' as {'a': '', 'b': '1'}; a name not in `known` is an error naming `where`."""
+  opts = dict(o.partition("=")[::2] for o in filter(None, arg.split(",")))
+  unknown = set(opts) - known
+  if unknown:
+    raise ValueError(f"{where}: unknown arg(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+  return opts
+
+
 def seed_count(opts: dict, default: int, where: str) -> int:
   """The `seeds=N` of an experiment's parsed arg (`default` without one); `where` names the experiment's file."""
   if "seeds" not in opts:
