@@ -199,6 +199,8 @@ def test_reduced_sweeps_are_subsets_of_their_design():
   assert neft.stages == base.stages and [neft[s].reg.neftune_alpha for s in neft.stages] == [0, 5, 5, 0, 0, 0]
   assert [aligned["dpo_dropout", 0][s].reg.dropout for s in base.stages] == [0, 0.1, 0.1, 0, 0, 0]
   assert len(experiments.load("dropout_bits:seeds=5").runs()) == 4 * 5
+  cut = {r.hash: r.config.pretrain.reg.dropout for r in experiments.load("dropout_bits:cpu").runs()}
+  assert sorted(set(cut.values())) == [0.0, 0.1, 0.2] and len(cut) == 3 * 3 and cut.keys() < {r.hash for r in bits}
   with pytest.raises(ValueError, match=r"dropout_bits.py: seeds='x'; give a positive whole number"):
     experiments.load("dropout_bits:seeds=x").runs()
   cpu = experiments.load("capacity:cpu").runs()
