@@ -198,6 +198,13 @@ def test_bucketed_lengths_share_a_compile(params):
   s.generate(params, _prompts((11,)), max_new_tokens=4, temperature=0.7, top_k=0)
   s.generate(params, _prompts((16,)), max_new_tokens=4)
   assert _generate._cache_size() == n
+  # New-token counts share a compile too (a bucket of 16): the loop stops at the count asked for.
+  short = s.generate(params, _prompts((5,)), max_new_tokens=9)
+  long = s.generate(params, _prompts((5,)), max_new_tokens=16)
+  assert _generate._cache_size() == n
+  assert short.tokens.shape == short.logprobs.shape == (1, 9) and (short.lengths == 9).all()
+  np.testing.assert_array_equal(short.tokens, long.tokens[:, :9])
+  np.testing.assert_array_equal(short.logprobs, long.logprobs[:, :9])
 
 
 def test_mc_dropout_varies_greedy_output():
