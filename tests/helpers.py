@@ -24,6 +24,12 @@ TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_
 
 
 @contextlib.contextmanager
+def shared_path(tmp_path_factory, name: str) -> pathlib.Path:
+  """`name` in the directory every pytest-xdist worker of this session shares (the base temp without xdist)."""
+  root = tmp_path_factory.getbasetemp()
+  return pathlib.Path(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
+
+
 def made_once(tmp_path_factory, name: str):
   """Yields (directory, done): `done` is False for the first process of the test session to get here, which must
   fill `directory` (and does so holding a lock); the others wait for it, then get True and only read.
@@ -31,11 +37,9 @@ def made_once(tmp_path_factory, name: str):
   Under pytest-xdist every worker has its own base temp (`.../popen-gwN`) inside one shared root, so the expensive
   session fixtures (the killed-and-resumed smoke sweep, the chat-tuned model) are made once, not once per worker.
   """
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent
-  directory, marker = pathlib.Path(root) / name, pathlib.Path(root) / f"{name}.done"
-  with filelock.FileLock(str(pathlib.Path(root) / f"{name}.lock")):
+  directory = shared_path(tmp_path_factory, name)
+  marker, lock = directory.with_name(f"{name}.done"), directory.with_name(f"{name}.lock")
+  with filelock.FileLock(str(lock)):
     done = marker.exists()
     if not done:
       shutil.rmtree(directory, ignore_errors=True)

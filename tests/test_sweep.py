@@ -17,7 +17,7 @@ import time
 import pytest
 
 from llmstages import experiments
-from tests.helpers import free_port, made_once, one_device_env
+from tests.helpers import free_port, made_once, one_device_env, shared_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "dropout_vs_facts:smoke"
@@ -75,6 +75,12 @@ def _has_checkpoint(run_dir: str) -> bool:
       if os.path.isdir(os.path.join(run_dir, "pretrain", "checkpoints")) else False
 
 
+def jax_cache(tmp_path_factory):
+  """The compilation cache every sweep of the test session shares, whichever xdist worker runs it: the smoke
+  sweep's programs are the PostgreSQL test's (concurrent processes share it as a sweep's own workers do)."""
+  return shared_path(tmp_path_factory, "jax_cache")
+
+
 def smoke_sweep(tmp_path_factory) -> tuple[str, dict]:
   """The 4-run smoke sweep with 2 workers, killed (kill -9) while a run is mid-way, then rerun to the end.
 
@@ -82,7 +88,7 @@ def smoke_sweep(tmp_path_factory) -> tuple[str, dict]:
   """
   with made_once(tmp_path_factory, "smoke_sweep") as (base, done):
     if not done:
-      _make_smoke_sweep(base, tmp_path_factory.getbasetemp() / "jax_cache")
+      _make_smoke_sweep(base, jax_cache(tmp_path_factory))
   return str(base / "sweep"), json.loads((base / "record.json").read_text())
 
 
@@ -248,7 +254,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_runs(tmp_path_factory):
   for t in all_trials:  # Other trials are the killed command's, failed by the missing heartbeat (no error).
     assert t.state.name == "COMPLETE" or (t.state.name == "FAIL" and "error" not in t.user_attrs), t
   assert "4/4 done" in record["log"] and "eta" in record["log"]
-  again = run_sweep(workdir, tmp_path_factory.getbasetemp() / "jax_cache", "--workers=2")
+  again = run_sweep(workdir, jax_cache(tmp_path_factory), "--workers=2")
   assert again.returncode == 0 and "this command executed 0" in again.stdout, again.stdout + again.stderr
   assert completed_runs(trials(workdir)) == sorted(runs)
 
@@ -269,7 +275,7 @@ def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path, tmp_path_fact
   path = tmp_path / "failing.py"
   path.write_text(FAILING)
   workdir = tmp_path / "sweep"
-  out = run_sweep(workdir, tmp_path_factory.getbasetemp() / "jax_cache", "--workers=1", experiment=str(path))
+  out = run_sweep(workdir, jax_cache(tmp_path_factory), "--workers=1", experiment=str(path))
   log = out.stdout + out.stderr
   assert out.returncode == 1, log
   assert "1 failed" in log and "FAILED bad seed 0" in log and "a rate must be in [0, 1), got 1.5" in log
@@ -330,7 +336,7 @@ def postgres_server():
 
 
 def test_two_sweep_commands_on_postgres_finish_the_same_runs_once(tmp_path, tmp_path_factory):
-  workdir, cache = tmp_path / "sweep", tmp_path_factory.getbasetemp() / "jax_cache"
+  workdir, cache = tmp_path / "sweep", jax_cache(tmp_path_factory)
   expected = sorted(r.hash for r in experiments.load(SMOKE).runs())
   with postgres_server() as url:
     # Two commands started at once, each one worker, as on two machines sharing the study and the directory.
