@@ -23,13 +23,13 @@ TINY = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_
                    max_seq_len=64)
 
 
-@contextlib.contextmanager
 def shared_path(tmp_path_factory, name: str) -> pathlib.Path:
   """`name` in the directory every pytest-xdist worker of this session shares (the base temp without xdist)."""
   root = tmp_path_factory.getbasetemp()
   return pathlib.Path(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
 
 
+@contextlib.contextmanager
 def made_once(tmp_path_factory, name: str):
   """Yields (directory, done): `done` is False for the first process of the test session to get here, which must
   fill `directory` (and does so holding a lock); the others wait for it, then get True and only read.
