@@ -2,9 +2,10 @@
 become one `Sampler.generate` call, padded to bucketed shapes so that serving does not recompile per request.
 
 Shapes: the sampler already buckets prompt length (powers of two from 16). Here the row count is padded to 1 or
-a power of two from 8 (padding rows are a lone BOS and are thrown away) and the new-token budget to a power of two from
-16, capped by the model's context; each request's tokens are then cut at its own `max_new_tokens`. So a server
-sees a handful of compiles (rows x prompt bucket x token bucket), all of them on the first few requests.
+a power of two from 8 (padding rows are a lone BOS and are thrown away), and the decode loop is compiled for the
+group's largest `max_new_tokens` rounded up to a power of two from 16 (capped by the model's context) but stops at
+that largest count; each request's tokens are then cut at its own `max_new_tokens`. So a server sees a handful of
+compiles (rows x prompt bucket x token bucket), all of them on the first few requests.
 
 Grouping: one sampler call shares temperature, top-p and top-k (they are scalars of the jitted decode), so
 requests are grouped by them. A request with an explicit seed at temperature > 0 runs alone, so that the same
@@ -173,15 +174,17 @@ class Batcher:
   def _generate(self, group: list[Request]) -> list[list[Generation]]:
     rows = [row for r in group for row in r.rows]
     longest = max(len(row) for row in rows)
-    new_tokens = min(bucket_length(max(r.max_new_tokens for r in group)), self.context - longest)
+    most = max(r.max_new_tokens for r in group)
+    room = self.context - longest
+    new_tokens, token_bucket = min(most, room), min(bucket_length(most), room)
     padded = row_bucket(len(rows))
     prompts = rows + [[self.bos_id]] * (padded - len(rows))
     head = group[0]
     seed = head.seed if head.seed is not None else self._rng.randrange(1 << 31)
-    self.calls[(padded, bucket_length(longest), new_tokens)] += 1
+    self.calls[(padded, bucket_length(longest), token_bucket)] += 1
     self.rows_served += len(rows)
-    out = self.sampler.generate(self.params, prompts, max_new_tokens=new_tokens, temperature=head.temperature,
-                                top_k=head.top_k, top_p=head.top_p, seed=seed)
+    out = self.sampler.generate(self.params, prompts, max_new_tokens=new_tokens, token_bucket=token_bucket,
+                                temperature=head.temperature, top_k=head.top_k, top_p=head.top_p, seed=seed)
     results, r0 = [], 0
     for r in group:
       gens = []

@@ -211,16 +211,23 @@ class Sampler:
     return prompt_BxP, kv_start_B
 
   def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0) -> Samples:
+               top_k: int = 0, top_p: float = 1.0, num_samples: int = 1, seed: int = 0,
+               token_bucket: int | None = None) -> Samples:
+    """`token_bucket`: the decode loop's compiled length, >= max_new_tokens (default `new_token_bucket`); a
+    caller that sees many different counts (a server) passes coarser buckets for fewer compiles. The loop still
+    stops at max_new_tokens; a larger bucket changes only the last cache segment's length, so the logits agree to
+    float rounding."""
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or num_samples < 1:
       raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
                        f"top_p={top_p} (in (0, 1]), max_new_tokens={max_new_tokens} (>= 1), "
                        f"num_samples={num_samples} (>= 1)")
+    if token_bucket is not None and token_bucket < max_new_tokens:
+      raise ValueError(f"token_bucket={token_bucket} is below max_new_tokens={max_new_tokens}")
     prompt_BxP, kv_start_B = self.prepare(prompts, max_new_tokens, num_samples)
     filtering = top_k > 0 or top_p < 1.0
     args = (params, prompt_BxP, kv_start_B, jax.random.key(seed), np.float32(temperature), np.int32(top_k),
             np.float32(top_p), np.float32(self.mc_dropout), np.int32(max_new_tokens))
-    kwargs = dict(model=self.model, new_tokens=self._bucket(prompt_BxP.shape[1], max_new_tokens),
+    kwargs = dict(model=self.model, new_tokens=self._bucket(prompt_BxP.shape[1], max_new_tokens, token_bucket),
                   eos_id=self.eos_id, pad_id=self.pad_id, filtering=filtering, mc=self.mc_dropout > 0)
     if self.mesh is not None:
       with partitioning.activate(self.mesh, self.rules):
@@ -234,8 +241,9 @@ class Sampler:
     prompt_index = np.repeat(np.arange(len(prompts)), num_samples)
     return Samples(tokens=tokens, logprobs=logps, lengths=lengths, prompt_index=prompt_index)
 
-  def _bucket(self, prompt_len: int, new_tokens: int) -> int:
-    return new_token_bucket(new_tokens, self.cfg.max_seq_len - prompt_len)
+  def _bucket(self, prompt_len: int, new_tokens: int, token_bucket: int | None = None) -> int:
+    room = self.cfg.max_seq_len - prompt_len  # >= new_tokens: `prepare` pads the prompt to leave that room.
+    return new_token_bucket(new_tokens, room) if token_bucket is None else min(token_bucket, room)
 
   def lower(self, params, rows: int, prompt_len: int, max_new_tokens: int, filtering: bool = False):
     """The decode loop `generate` runs, lowered for `rows` prompts of `prompt_len` tokens and not run: `params` may

@@ -1,4 +1,5 @@
-"""Sampler identities: cached decode == full forward, greedy == argmax == top-k 1, seeds, log-probs, order, EOS."""
+"""Sampler identities: cached decode == full forward, greedy == argmax == top-k 1, seeds, log-probs, order, EOS;
+the serving batcher's token budget."""
 
 import jax
 import jax.numpy as jnp
@@ -205,6 +206,38 @@ def test_bucketed_lengths_share_a_compile(params):
   assert short.tokens.shape == short.logprobs.shape == (1, 9) and (short.lengths == 9).all()
   np.testing.assert_array_equal(short.tokens, long.tokens[:, :9])
   np.testing.assert_array_equal(short.logprobs, long.logprobs[:, :9])
+
+
+def test_a_coarser_token_bucket_changes_no_token(params):
+  s = Sampler(CFG, eos_id=-1, pad_id=PAD)
+  kw = dict(max_new_tokens=9, temperature=0.8, seed=3)
+  default = s.generate(params, _prompts(), **kw)  # Compiled for 16 new tokens.
+  coarse = s.generate(params, _prompts(), token_bucket=32, **kw)
+  np.testing.assert_array_equal(default.tokens, coarse.tokens)
+  np.testing.assert_allclose(default.logprobs, coarse.logprobs, rtol=1e-6)  # A longer cache: other float sums.
+  with pytest.raises(ValueError, match="token_bucket=8 is below max_new_tokens=9"):
+    s.generate(params, _prompts(), token_bucket=8, **kw)
+
+
+def test_batcher_decodes_to_the_largest_request_not_its_bucket(params):
+  from llmstages.batching import Batcher, Request
+
+  class Recording(Sampler):
+    def generate(self, params, prompts, **kw):
+      self.seen.append(kw)
+      return super().generate(params, prompts, **kw)
+
+  s = Recording(CFG, eos_id=-1, pad_id=PAD)
+  s.seen = []
+  batcher = Batcher(s, params, bos_id=1, window_ms=0)
+  try:
+    got = batcher.submit(Request(rows=_prompts((5,)), max_new_tokens=20)).result(timeout=120)
+  finally:
+    batcher.close()
+  assert s.seen[0]["max_new_tokens"] == 20 and s.seen[0]["token_bucket"] == 32  # Stops at 20, compiled for 32.
+  assert list(batcher.calls) == [(1, 16, 32)]
+  alone = Sampler(CFG, eos_id=-1, pad_id=PAD).generate(params, _prompts((5,)), max_new_tokens=20)
+  assert got[0].tokens == alone.tokens[0].tolist() and not got[0].stopped
 
 
 def test_mc_dropout_varies_greedy_output():
