@@ -11,10 +11,9 @@ the name and value vocabularies, R < 0), on 4000 people, so that R_max (about 2.
 exposures can store: if R levels off below R_max, the model is full and R is its capacity. 100 exposures are 12,208
 steps of 32 x 128 tokens (50M tokens); 1000 exposures would be ten times that and do not fit. 4 rates x 3 seeds =
 12 runs (the design; `seeds=N` sets the seed count, 5 being the project default). On the 2-core CPU with two
-workers a run without dropout takes 25-33 minutes and one with dropout 0.2 about 45 (three workers: an hour): the
-design is some 4 hours of the machine, past the 3 an experiment may use. `:cpu` drops the rate 0.05: 3 rates x 3
-seeds, 9 runs; its rates 0 and 0.2 ran on 2026-12-03 (experiments/results/README.md), and the three runs at 0.1 are
-the rest of it.
+workers a run without dropout takes 25-33 minutes and one with dropout 0.1 or 0.2 about 45-48 (alone: 31; three
+workers: an hour): the design is some 4 hours of the machine, past the 3 an experiment may use. `:cpu` drops the
+rate 0.05: 3 rates x 3 seeds, 9 runs, all run on 2026-12-03 (357 CPU-minutes; experiments/results/README.md).
 
 `:smoke` runs rates 0 and 0.1 of the capacity smoke model, one seed, in seconds each (the tests' shape).
 """
