@@ -215,8 +215,8 @@ class Sampler:
                token_bucket: int | None = None) -> Samples:
     """`token_bucket`: the decode loop's compiled length, >= max_new_tokens (default `new_token_bucket`); a
     caller that sees many different counts (a server) passes coarser buckets for fewer compiles. The loop still
-    stops at max_new_tokens; a larger bucket changes only the last cache segment's length, so the logits agree to
-    float rounding."""
+    stops at max_new_tokens; a larger bucket only lets the KV cache grow longer (more masked slots), so the logits
+    agree to float rounding."""
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1 or num_samples < 1:
       raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
                        f"top_p={top_p} (in (0, 1]), max_new_tokens={max_new_tokens} (>= 1), "
